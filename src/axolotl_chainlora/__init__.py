@@ -1,0 +1,45 @@
+"""axolotl-chainlora: LinChain, MoSLoRA and MTLoRA as exact PEFT LoRA variants.
+
+Importing this package registers the chain adapters with PEFT, so that
+`PeftModel.from_pretrained`, `AutoPeftModelForCausalLM` and transformers'
+`load_adapter` rebuild them from an adapter directory.
+"""
+
+from __future__ import annotations
+
+import peft
+from packaging.specifiers import SpecifierSet
+
+__version__ = "0.1.0"
+
+# LoraVariant and LoraConfig._register_custom_module are private/experimental PEFT API
+TESTED_PEFT_VERSIONS = SpecifierSet(">=0.21.0,<0.22")
+
+
+def check_peft_version(installed: str) -> None:
+    if installed not in TESTED_PEFT_VERSIONS:
+        raise ImportError(
+            f"axolotl-chainlora {__version__} is tested with peft{TESTED_PEFT_VERSIONS} but peft {installed} "
+            "is installed. Chain adapters hook into private PEFT API that changes between releases, so another "
+            f"version could silently train plain LoRA: pip install 'peft{TESTED_PEFT_VERSIONS}'."
+        )
+
+
+check_peft_version(peft.__version__)
+
+from .config import CHAIN_PEFT_TYPE, ChainLoraConfig  # noqa: E402
+from .cores import CHAIN_INITS, CHAIN_TYPES, core_parameter_count  # noqa: E402
+from .export import fold_to_lora, merge_to_full_model  # noqa: E402
+from .registration import register_with_peft  # noqa: E402
+
+register_with_peft()
+
+__all__ = [
+    "CHAIN_INITS",
+    "CHAIN_PEFT_TYPE",
+    "CHAIN_TYPES",
+    "ChainLoraConfig",
+    "core_parameter_count",
+    "fold_to_lora",
+    "merge_to_full_model",
+]

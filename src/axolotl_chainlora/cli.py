@@ -1,0 +1,49 @@
+"""The `axolotl-chainlora` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="axolotl-chainlora", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser(
+        "export",
+        help="fold a chain adapter into an exact plain PEFT LoRA, or merge it into the full model",
+        description="Writes OUT_DIR as a plain PEFT LoRA adapter (A' = T A, same r and alpha) that every "
+        "LoRA tool loads; with --merge, writes the base model with the adapter merged in (safetensors).",
+    )
+    export.add_argument("adapter_dir", help="a saved chain adapter (adapter_config.json + adapter_model.safetensors)")
+    export.add_argument("out_dir", help="a new directory to write")
+    export.add_argument("--merge", action="store_true", help="write the full merged model instead of a plain LoRA")
+    export.add_argument("--base-model", help="the base model directory (required with --merge)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.merge and not args.base_model:
+        parser.error("--merge needs --base-model PATH, the model the adapter was trained on")
+    if args.base_model and not args.merge:
+        parser.error("--base-model is only used with --merge")
+
+    from . import fold_to_lora, merge_to_full_model
+
+    try:
+        if args.merge:
+            out = merge_to_full_model(args.adapter_dir, args.base_model, args.out_dir)
+            print(f"wrote the merged model to {out}")
+        else:
+            out = fold_to_lora(args.adapter_dir, args.out_dir)
+            print(f"wrote a plain LoRA adapter to {out}")
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"axolotl-chainlora export: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""ChainLoraConfig: a peft.LoraConfig that puts a learnable core T between A and B."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft import LoraConfig
+
+from .cores import CHAIN_INITS, CHAIN_TYPES
+
+# adapter_config.json says this instead of "LORA": plain PEFT then fails to load our adapters
+# instead of silently dropping the cores (measured: outputs off by up to 0.97)
+CHAIN_PEFT_TYPE = "LORA_CHAIN"
+# bumped whenever the saved layout changes; adapters of any other format are refused
+CHAIN_FORMAT_VERSION = 1
+# PEFT inits that build A and B for T = I (PiSSA, OLoRA, LoftQ, ...) would be wrong with a core
+SUPPORTED_LORA_INITS = (True, False, "gaussian")
+
+
+@dataclass
+class ChainLoraConfig(LoraConfig):
+    """LoRA with a core: delta_W = s * B @ T @ A, T built by `chain_type` (see cores.py).
+
+    Takes every LoraConfig argument plus the fields below. Works with `peft.get_peft_model`.
+    """
+
+    chain_type: Optional[str] = field(
+        default=None,
+        # PEFT's variant resolution sees this field, so a stock LoRA layer handed this
+        # config fails ("unsupported variant") instead of training plain LoRA
+        metadata={"help": f"The core between A and B, one of {CHAIN_TYPES}.", "is_lora_variant": True},
+    )
+    chain_dims: Optional[list[int]] = field(
+        default=None,
+        metadata={
+            "help": "linchain only: dims d0..dn of the links W_i (d_{i-1} x d_i), with d0 = dn = r. "
+            "Default [r, r, r, r] (LinChain-3-r); [8, 16, 8] with r=8 is LinChain-2-8."
+        },
+    )
+    chain_init: str = field(
+        default="kaiming",
+        metadata={"help": f"Initialisation of the core, one of {CHAIN_INITS}. 'kaiming' is the papers' default."},
+    )
+    chain_fused_splits: Optional[dict[str, Union[int, list[int]]]] = field(
+        default=None,
+        metadata={
+            "help": "mtlora_* only: fused projections (module name or regex, as in rank_pattern) to their output "
+            "split, a number of equal slices or a list of slice sizes; e.g. {'c_attn': 3} for GPT-2, "
+            "{'qkv_proj': [5120, 1280, 1280]} for a GQA model. Each slice keeps its own rank-r B and one "
+            "(k r) x (k r) core mixes the k subspaces, as the MTLoRA paper does for GPT-2's qkv."
+        },
+    )
+    chain_format_version: int = field(
+        default=CHAIN_FORMAT_VERSION,
+        metadata={"help": "Saved-layout version of axolotl-chainlora; set automatically."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_chain_fields()
+        self._refuse_features_that_assume_no_core()
+        from .layer import CHAIN_LAYER_MAPPING  # the layers import this module
+
+        self._register_custom_module(CHAIN_LAYER_MAPPING)
+
+    def _validate_chain_fields(self) -> None:
+        if self.chain_format_version != CHAIN_FORMAT_VERSION:
+            raise ValueError(
+                f"chain_format_version={self.chain_format_version}: this adapter was saved by an "
+                f"axolotl-chainlora whose format differs from this install's ({CHAIN_FORMAT_VERSION}). "
+                "Install the axolotl-chainlora release that wrote it, or re-export it from there."
+            )
+        if self.chain_type not in CHAIN_TYPES:
+            raise ValueError(f"chain_type={self.chain_type!r} is not supported: use one of {', '.join(CHAIN_TYPES)}.")
+        if self.chain_init not in CHAIN_INITS:
+            raise ValueError(f"chain_init={self.chain_init!r} is not supported: use one of {', '.join(CHAIN_INITS)}.")
+        if self.chain_dims is not None:
+            self._validate_chain_dims()
+        if self.chain_fused_splits:
+            self._validate_fused_splits()
+
+    def _validate_chain_dims(self) -> None:
+        dims = list(self.chain_dims)
+        if self.chain_type != "linchain":
+            raise ValueError(
+                f"chain_dims is for chain_type='linchain' only, not {self.chain_type!r}: remove chain_dims."
+            )
+        if len(dims) < 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+            raise ValueError(
+                f"chain_dims={dims} must be a list of at least two positive integers d0..dn, e.g. [r, r, r, r]."
+            )
+        if dims[0] != self.r or dims[-1] != self.r:
+            raise ValueError(
+                f"chain_dims={dims} must start and end with r={self.r} (d0 = dn = r), e.g. "
+                f"[{self.r}, {2 * self.r}, {self.r}]."
+            )
+        if self.rank_pattern:
+            raise ValueError(
+                "chain_dims fixes the rank of every layer, so it cannot be combined with rank_pattern: "
+                "remove chain_dims (each layer then gets [r, r, r, r] for its own r) or rank_pattern."
+            )
+        self.chain_dims = dims
+
+    def _validate_fused_splits(self) -> None:
+        if not self.chain_type.startswith("mtlora_"):
+            raise ValueError(
+                f"chain_fused_splits is for the mtlora_* chain types only, not {self.chain_type!r}: "
+                "remove chain_fused_splits."
+            )
+        for pattern, split in self.chain_fused_splits.items():
+            sizes = [split] if isinstance(split, int) else list(split)
+            if isinstance(split, int) and split < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
+                raise ValueError(
+                    f"chain_fused_splits[{pattern!r}]={split!r} must be a number of equal slices (>= 2) "
+                    "or a list of positive slice sizes."
+                )
+        if self.lora_bias:
+            raise ValueError("lora_bias=True is not supported with chain_fused_splits: set lora_bias=False.")
+
+    def _refuse_features_that_assume_no_core(self) -> None:
+        if self.init_lora_weights not in SUPPORTED_LORA_INITS:
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} builds A and B for a LoRA without a core "
+                f"(T = I) and would be wrong here: use one of {SUPPORTED_LORA_INITS}."
+            )
+        if self.target_parameters:
+            raise ValueError(
+                "target_parameters (LoRA on raw nn.Parameters) is not supported by chain adapters: "
+                "target the modules with target_modules instead."
+            )
+        for f in dataclasses.fields(LoraConfig):
+            if f.metadata.get("is_lora_variant") and getattr(self, f.name):
+                raise ValueError(
+                    f"{f.name} is another LoRA variant and cannot be combined with a chain core "
+                    f"(chain_type={self.chain_type!r}): remove {f.name}."
+                )
+
+    def fused_split_sizes(self, module_key: str, out_features: int) -> list[int] | None:
+        """Output slice sizes of a fused projection named in chain_fused_splits, else None."""
+        for pattern, split in (self.chain_fused_splits or {}).items():
+            if not re.match(rf"(.*\.)?({pattern})$", module_key):
+                continue
+            if isinstance(split, int):
+                if out_features % split:
+                    raise ValueError(
+                        f"chain_fused_splits[{pattern!r}]={split}: module '{module_key}' has {out_features} "
+                        f"outputs, not divisible into {split} equal slices; give the slice sizes as a list."
+                    )
+                return [out_features // split] * split
+            if sum(split) != out_features:
+                raise ValueError(
+                    f"chain_fused_splits[{pattern!r}]={list(split)} sums to {sum(split)}, but module "
+                    f"'{module_key}' has {out_features} outputs."
+                )
+            return list(split)
+        return None
+
+    def to_dict(self) -> dict:
+        serialised = super().to_dict()
+        serialised["peft_type"] = CHAIN_PEFT_TYPE
+        return serialised

@@ -1,0 +1,108 @@
+"""The cores: the small learnable matrix T that sits between LoRA's A and B.
+
+Math only, no PEFT: every adapter here computes delta_W = s * B @ T @ A, and this
+module builds T for each method, counts its parameters and initialises it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHAIN_TYPES = (
+    "moslora",  # Wu et al. 2024: one r x r mixer M
+    "linchain",  # LinChain: T = W1 @ W2 @ ... @ Wn
+    "mtlora_shim",  # MTLoRA: T = C
+    "mtlora_icfm",  # MTLoRA: T = C @ C^T
+    "mtlora_ctcm",  # MTLoRA: T = C @ D
+    "mtlora_dtsm",  # MTLoRA: T = C + D
+)
+CHAIN_INITS = ("kaiming", "identity", "orthogonal")
+DEFAULT_LINCHAIN_LINKS = 3
+
+
+def default_chain_dims(r: int) -> list[int]:
+    """LinChain-3-r, the LinChain paper's default: three r x r links."""
+    return [r] * (DEFAULT_LINCHAIN_LINKS + 1)
+
+
+def core_shapes(chain_type: str, r: int, chain_dims: list[int] | None = None) -> list[tuple[int, int]]:
+    """Shapes of the core's parameters, in the order they are named weight, weight_1, ..."""
+    if chain_type == "linchain":
+        dims = chain_dims or default_chain_dims(r)
+        return [(dims[i], dims[i + 1]) for i in range(len(dims) - 1)]
+    if chain_type in ("moslora", "mtlora_shim", "mtlora_icfm"):
+        return [(r, r)]
+    if chain_type in ("mtlora_ctcm", "mtlora_dtsm"):
+        return [(r, r), (r, r)]
+    raise ValueError(f"chain_type={chain_type!r} is not one of {CHAIN_TYPES}.")
+
+
+def core_parameter_count(chain_type: str, r: int, chain_dims: list[int] | None = None) -> int:
+    """Extra parameters per adapted layer on top of LoRA's (d_in + d_out) * r."""
+    return sum(rows * cols for rows, cols in core_shapes(chain_type, r, chain_dims))
+
+
+class ChainCore(nn.Module):
+    """T for one adapter of one layer, applied to the r-dim activations between A and B.
+
+    A leaf module whose parameters are plain `weight`, `weight_1`, ...: FSDP wrapping and
+    DeepSpeed ZeRO-3 gathering hook module calls, so T is only ever computed inside forward.
+    """
+
+    def __init__(self, chain_type: str, r: int, chain_dims: list[int] | None = None, init: str = "kaiming"):
+        super().__init__()
+        self.chain_type = chain_type
+        self.r = r
+        self.param_names = []
+        for index, shape in enumerate(core_shapes(chain_type, r, chain_dims)):
+            name = "weight" if index == 0 else f"weight_{index}"
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+            self.param_names.append(name)
+        self.reset_parameters(init)
+
+    def factors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.param_names]
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str) -> None:
+        factors = self.factors()
+        if init == "kaiming":
+            # the papers' default, the same draw as nn.Linear and LoRA's A
+            for factor in factors:
+                nn.init.kaiming_uniform_(factor, a=math.sqrt(5))
+        elif init == "identity":
+            # T = I at the start, so the adapter starts as exact LoRA; DTSM's D = 0 keeps C + D = I
+            for index, factor in enumerate(factors):
+                if self.chain_type == "mtlora_dtsm" and index == 1:
+                    nn.init.zeros_(factor)
+                else:
+                    nn.init.eye_(factor)
+        elif init == "orthogonal":
+            for index, factor in enumerate(factors):
+                if self.chain_type == "mtlora_dtsm" and index == 1:
+                    nn.init.zeros_(factor)
+                else:
+                    nn.init.orthogonal_(factor)
+        else:
+            raise ValueError(f"chain_init={init!r} is not one of {CHAIN_INITS}.")
+
+    def matrix(self) -> torch.Tensor:
+        """T itself (r x r); call only inside forward, where sharded parameters are gathered."""
+        factors = self.factors()
+        if self.chain_type == "mtlora_icfm":
+            return factors[0] @ factors[0].T
+        if self.chain_type == "mtlora_dtsm":
+            return factors[0] + factors[1]
+        return torch.linalg.multi_dot(factors) if len(factors) > 1 else factors[0]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # one r x r matmul on the activations, however many links the chain has
+        return F.linear(hidden, self.matrix())
+
+    def extra_repr(self) -> str:
+        shapes = ", ".join("x".join(map(str, f.shape)) for f in self.factors())
+        return f"chain_type={self.chain_type}, factors=[{shapes}]"

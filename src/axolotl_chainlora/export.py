@@ -1,0 +1,155 @@
+"""Export a chain adapter to what every LoRA tool reads.
+
+`fold_to_lora` writes an exact plain PEFT LoRA: A' = T A, B' = B, the same r and
+alpha. Tools that serve only lora_A/lora_B with one global alpha/r (vLLM and
+friends) then serve the chain adapter unchanged. `merge_to_full_model` writes
+the base model with the adapter merged in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from .config import ChainLoraConfig
+from .cores import ChainCore
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def fold_to_lora(model_or_adapter_dir: PeftModel | str | os.PathLike, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write the chain adapter as a plain PEFT LoRA adapter with the same outputs.
+
+    Takes a PeftModel holding the chain adapter `adapter_name`, or a saved chain adapter
+    directory (no base model needed). Returns `out_dir`.
+    """
+    if isinstance(model_or_adapter_dir, PeftModel):
+        config = model_or_adapter_dir.peft_config[adapter_name]
+        tensors = get_peft_model_state_dict(model_or_adapter_dir, adapter_name=adapter_name)
+    else:
+        config = PeftConfig.from_pretrained(str(model_or_adapter_dir))
+        tensors = _load_adapter_tensors(Path(model_or_adapter_dir))
+    if not isinstance(config, ChainLoraConfig):
+        raise ValueError(
+            f"{model_or_adapter_dir!r} holds a {type(config).__name__}, not a chain adapter: "
+            "a plain LoRA needs no folding."
+        )
+    lora_config, lora_tensors = fold_tensors(config, tensors)
+
+    def write(tmp_dir: Path) -> None:
+        lora_config.save_pretrained(str(tmp_dir))
+        save_file({k: v.contiguous() for k, v in lora_tensors.items()}, str(tmp_dir / ADAPTER_WEIGHTS))
+
+    return _write_new_directory(Path(out_dir), write)
+
+
+def fold_tensors(config: ChainLoraConfig, tensors: dict[str, torch.Tensor]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Fold every core into its A; returns the plain LoraConfig and the saved-format tensors."""
+    lora_fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig) if f.init}
+    lora_config = LoraConfig(**lora_fields)
+    rank_pattern = dict(lora_config.rank_pattern)
+    folded = {key: value for key, value in tensors.items() if ".lora_core." not in key}
+    for module_key in sorted({key.split(".lora_core.")[0] for key in tensors if ".lora_core." in key}):
+        A = tensors[f"{module_key}.lora_A.weight"]
+        B = tensors[f"{module_key}.lora_B.weight"]
+        factors = {
+            key[len(f"{module_key}.lora_core.") :]: value
+            for key, value in tensors.items()
+            if key.startswith(f"{module_key}.lora_core.")
+        }
+        T = _core_from_tensors(config, module_key, A.shape[0], factors).matrix()
+        # float64 so the fold adds no error of its own beyond the final cast
+        folded[f"{module_key}.lora_A.weight"] = (T.double() @ A.double()).to(A.dtype)
+        split_sizes = config.fused_split_sizes(module_key, B.shape[0])
+        if split_sizes:
+            # a fused projection becomes plain LoRA of rank k*r with B' = blockdiag(B_1..B_k);
+            # LoRA's scale for rank k*r is k (sqrt k with rsLoRA) times smaller, so B' makes up for it
+            k = len(split_sizes)
+            scale_ratio = k**0.5 if config.use_rslora else k
+            B_blocks = B.double().split(split_sizes, dim=0)
+            folded[f"{module_key}.lora_B.weight"] = (torch.block_diag(*B_blocks) * scale_ratio).to(B.dtype)
+            rank_pattern[_exact_module_pattern(module_key)] = A.shape[0]
+    lora_config.rank_pattern = rank_pattern
+    return lora_config, folded
+
+
+def _core_from_tensors(config: ChainLoraConfig, module_key: str, core_r: int, factors: dict[str, torch.Tensor]) -> ChainCore:
+    chain_dims = config.chain_dims if config.chain_type == "linchain" else None
+    # identity init draws no random numbers; the saved factors replace it
+    core = ChainCore(config.chain_type, core_r, chain_dims, init="identity").double()
+    try:
+        core.load_state_dict({name: value.double() for name, value in factors.items()})
+    except RuntimeError as error:
+        raise ValueError(
+            f"The core tensors of '{module_key}' do not fit chain_type={config.chain_type!r}, "
+            f"chain_dims={config.chain_dims}: the adapter file and its adapter_config.json disagree.\n{error}"
+        ) from error
+    return core
+
+
+def _exact_module_pattern(module_key: str) -> str:
+    # saved keys carry PEFT's "base_model.model." prefix; rank_pattern matches the model's own module names
+    return re.escape(module_key.removeprefix("base_model.model."))
+
+
+def _load_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: export reads adapters saved in safetensors format.")
+    return load_file(str(weights))
+
+
+MODEL_CLASS_FOR_TASK = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
+
+def merge_to_full_model(adapter_dir: str | os.PathLike, base_model: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Merge the adapter into `base_model` (in its own dtype, unquantized) and save it in safetensors."""
+    import transformers
+
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    model_class = getattr(transformers, MODEL_CLASS_FOR_TASK.get(config.task_type, "AutoModel"))
+    model = model_class.from_pretrained(str(base_model), dtype="auto")
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(safe_merge=True)
+
+    def write(tmp_dir: Path) -> None:
+        merged.save_pretrained(str(tmp_dir), safe_serialization=True)
+        for tokenizer_file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+            if (Path(base_model) / tokenizer_file).is_file():
+                shutil.copy2(Path(base_model) / tokenizer_file, tmp_dir / tokenizer_file)
+        (tmp_dir / "chainlora_merge.json").write_text(
+            json.dumps({"adapter": str(adapter_dir), "base_model": str(base_model)}, indent=2)
+        )
+
+    return _write_new_directory(Path(out_dir), write)
+
+
+def _write_new_directory(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Write into a temporary sibling and rename it into place: a failure leaves nothing half written."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty: choose a new output directory or remove it.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write(tmp_dir)
+        os.replace(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
