@@ -140,37 +140,38 @@ class ChainLoraLayer:
         return True
 
 
-def _group_by_adapter(names) -> dict[str, set[str]]:
-    """{'default': {'lora_A.default.weight', ...}} for names like 'lora_A.default.weight'."""
-    grouped: dict[str, set[str]] = {}
-    for name in names:
-        parts = name.split(".")
-        if len(parts) >= 2:
-            grouped.setdefault(parts[1], set()).add(name)
-    return grouped
-
-
 def _refuse_incomplete_adapter_tensors(module, state_dict, prefix, *args) -> None:
-    """Refuse an adapter file whose tensors do not match this layer's adapter (a core missing, a link too many).
+    """Refuse an adapter file whose tensors do not match this layer's adapters (a core missing, a link too many).
 
     PEFT only warns about such files and keeps the freshly drawn tensors: a silently wrong adapter.
+    Names look like 'lora_A.default.weight': adapter-layer name, adapter name, tensor.
     """
     layer_names = module.adapter_layer_names
-    loaded = _group_by_adapter(
-        key[len(prefix) :] for key in state_dict if key.startswith(prefix) and key[len(prefix) :].split(".")[0] in layer_names
-    )
-    own = _group_by_adapter(
-        f"{layer_name}.{key}" for layer_name in layer_names for key in getattr(module, layer_name, nn.ModuleDict()).state_dict()
-    )
-    for adapter, names in loaded.items():
-        expected = own.get(adapter, set())
-        if names == expected:
+    own: dict[str, set[str]] = {}
+    for layer_name in layer_names:
+        for key in getattr(module, layer_name, nn.ModuleDict()).state_dict():
+            own.setdefault(key.split(".")[0], set()).add(f"{layer_name}.{key}")
+    loaded: dict[str, set[str]] = {}
+    unexpected = []
+    for key in state_dict:
+        name = key[len(prefix) :]
+        parts = name.split(".")
+        if not key.startswith(prefix) or parts[0] not in layer_names:
             continue
+        if len(parts) > 1 and parts[1] in own:
+            loaded.setdefault(parts[1], set()).add(name)
+        else:
+            unexpected.append(name)
+    missing = []
+    for adapter, names in loaded.items():
+        missing += sorted(own[adapter] - names)
+        unexpected += sorted(names - own[adapter])
+    if missing or unexpected:
         raise ValueError(
-            f"The tensors loaded for adapter '{adapter}' of module '{prefix.rstrip('.')}' do not match its "
-            f"config: missing {sorted(expected - names)}, unexpected {sorted(names - expected)}. The adapter "
-            "file and its adapter_config.json (chain_type, chain_dims, chain_fused_splits) disagree; it may "
-            "be damaged or written by another version of axolotl-chainlora."
+            f"The adapter tensors loaded into module '{prefix.rstrip('.')}' do not match its config: "
+            f"missing {missing}, unexpected {unexpected}. The adapter file and its adapter_config.json "
+            "(chain_type, chain_dims, chain_fused_splits) disagree; it may be damaged or written by another "
+            "version of axolotl-chainlora."
         )
 
 
