@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+from .cores import CHAIN_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,12 +22,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="a new directory to write")
     export.add_argument("--merge", action="store_true", help="write the full merged model instead of a plain LoRA")
     export.add_argument("--base-model", help="the base model directory (required with --merge)")
+    demo = commands.add_parser(
+        "demo",
+        help="offline demo: train a chain adapter on a tiny local model, then save, fold and merge it",
+    )
+    demo.add_argument("out_dir", nargs="?", default="demo-output", help="a new directory to write (default: demo-output)")
+    demo.add_argument("--chain-type", default="linchain", choices=CHAIN_TYPES)
+    demo.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return run_demo_command(args)
     if args.merge and not args.base_model:
         parser.error("--merge needs --base-model PATH, the model the adapter was trained on")
     if args.base_model and not args.merge:
@@ -42,6 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"axolotl-chainlora export: error: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def run_demo_command(args) -> int:
+    from .demo import run_demo
+
+    try:
+        results = run_demo(args.out_dir, chain_type=args.chain_type, steps=args.steps)
+    except FileExistsError as error:
+        print(f"axolotl-chainlora demo: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(results, indent=2))
+    print(f"wrote the base model, adapter, folded LoRA and merged model under {args.out_dir}")
     return 0
 
 
