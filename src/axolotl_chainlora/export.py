@@ -59,7 +59,8 @@ def fold_tensors(config: ChainLoraConfig, tensors: dict[str, torch.Tensor]) -> t
     lora_config = LoraConfig(**lora_fields)
     rank_pattern = dict(lora_config.rank_pattern)
     folded = {key: value for key, value in tensors.items() if ".lora_core." not in key}
-    for module_key in sorted({key.split(".lora_core.")[0] for key in tensors if ".lora_core." in key}):
+    # every module of a chain adapter has a core: walk the A's, so a module whose core is gone is caught
+    for module_key in sorted(key.removesuffix(".lora_A.weight") for key in tensors if key.endswith(".lora_A.weight")):
         A = tensors[f"{module_key}.lora_A.weight"]
         B = tensors[f"{module_key}.lora_B.weight"]
         factors = {
