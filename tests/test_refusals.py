@@ -140,7 +140,7 @@ def test_adapter_file_missing_a_core_tensor_is_refused(saved_adapter, tiny_llama
 def test_adapter_file_with_an_extra_tensor_is_refused(saved_adapter, tiny_llama_dir):
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_core.weight_2"
     rewrite_tensors(saved_adapter, lambda tensors: tensors.__setitem__(key, torch.zeros(4, 4)))
-    with pytest.raises(ValueError, match=r"module '.*layers.0.self_attn.q_proj'.*missing \[\], unexpected \['lora_core.weight_2'\]"):
+    with pytest.raises(ValueError, match=r"module '.*layers.0.self_attn.q_proj'.*missing \[\], unexpected \['lora_core\.(default\.)?weight_2'\]"):
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), saved_adapter)
 
 
@@ -153,7 +153,7 @@ def test_adapter_of_another_format_version_is_refused(saved_adapter, tiny_llama_
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), saved_adapter)
 
 
-@pytest.mark.parametrize("version", ["0.20.0", "0.22.0", "1.0.0"])
+@pytest.mark.parametrize("version", ["0.19.1", "0.22.0", "1.0.0"])
 def test_untested_peft_version_is_refused(version):
     with pytest.raises(ImportError, match=rf"peft {version} is installed.*pip install 'peft"):
         check_peft_version(version)

@@ -13,7 +13,7 @@ from packaging.specifiers import SpecifierSet
 __version__ = "0.1.0"
 
 # LoraVariant and LoraConfig._register_custom_module are private/experimental PEFT API
-TESTED_PEFT_VERSIONS = SpecifierSet(">=0.21.0,<0.22")
+TESTED_PEFT_VERSIONS = SpecifierSet(">=0.20.0,<0.22")
 
 
 def check_peft_version(installed: str) -> None:

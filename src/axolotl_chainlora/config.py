@@ -62,9 +62,9 @@ class ChainLoraConfig(LoraConfig):
         super().__post_init__()
         self._validate_chain_fields()
         self._refuse_features_that_assume_no_core()
-        from .layer import CHAIN_LAYER_MAPPING  # the layers import this module
+        from .layer import chain_layer_mapping  # the layers import this module
 
-        self._register_custom_module(CHAIN_LAYER_MAPPING)
+        self._register_custom_module(chain_layer_mapping())
 
     def _validate_chain_fields(self) -> None:
         if self.chain_format_version != CHAIN_FORMAT_VERSION:

@@ -9,6 +9,7 @@ of loaded tensors.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -202,12 +203,10 @@ def _refuse_unsupported_target(target: nn.Module, adapter_name: str, config: Cha
     )
 
 
-def _layer_mapping() -> dict[type, object]:
+@functools.cache
+def chain_layer_mapping() -> dict[type, object]:
     """Target type -> layer factory for LoraConfig._register_custom_module. PEFT takes the first
     isinstance match, so bnb layers (which subclass nn.Linear) come first and the refusal last."""
-    from .bnb import BNB_LAYER_MAPPING
+    from .bnb import BNB_LAYER_MAPPING  # bnb.py builds on this module
 
     return {**BNB_LAYER_MAPPING, Conv1D: _dispatch_linear, nn.Linear: _dispatch_linear, nn.Module: _refuse_unsupported_target}
-
-
-CHAIN_LAYER_MAPPING = _layer_mapping()
