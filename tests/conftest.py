@@ -14,12 +14,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 VOCAB = 96
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(hidden_size: int = 32) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -51,6 +51,32 @@ def tiny_gpt2_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-gpt2")
     tiny_gpt2().save_pretrained(path)
     return str(path)
+
+
+def reference_core(chain_type: str, factors: list[torch.Tensor]) -> torch.Tensor:
+    """T by the papers' definitions (DESIGN.md section 1), in float64; independent of cores.py.
+
+    `factors` are the core's tensors in the order weight, weight_1, ...
+    """
+    factors = [f.detach().double() for f in factors]
+    if chain_type in ("moslora", "mtlora_shim"):
+        (C,) = factors
+        return C
+    if chain_type == "linchain":
+        T = factors[0]
+        for link in factors[1:]:
+            T = T @ link
+        return T
+    if chain_type == "mtlora_icfm":
+        (C,) = factors
+        return C @ C.T
+    if chain_type == "mtlora_ctcm":
+        C, D = factors
+        return C @ D
+    if chain_type == "mtlora_dtsm":
+        C, D = factors
+        return C + D
+    raise AssertionError(chain_type)
 
 
 def randomize_adapters(model: torch.nn.Module, seed: int = 3) -> None:

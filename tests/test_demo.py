@@ -14,7 +14,12 @@ def test_demo_trains_and_exports_exactly(tmp_path):
     assert results["last_loss"] < results["first_loss"] - 0.1
     assert results["fold_max_abs_diff"] <= 1e-5
     assert results["merge_max_abs_diff"] <= 1e-5
-    for produced in ("base/tokenizer.json", "adapter/adapter_config.json", "lora/adapter_model.safetensors", "merged/model.safetensors"):
+    for produced in (
+        "base/tokenizer.json",
+        "adapter/adapter_config.json",
+        "lora/adapter_model.safetensors",
+        "merged/model.safetensors",
+    ):
         assert (out / produced).is_file()
     # a second run never overwrites a finished one
     assert main(["demo", str(out)]) == 2

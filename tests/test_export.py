@@ -7,7 +7,6 @@ own loader, or the fold/merge math written out here in float64.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, randomize_adapters
+from conftest import VOCAB, randomize_adapters, reference_core
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -114,25 +113,6 @@ def core_factors(tensors: dict[str, torch.Tensor], module_key: str) -> list[torc
     names = sorted((k[len(prefix) :] for k in tensors if k.startswith(prefix)), key=lambda n: (n != "weight", n))
     assert names == ["weight"] + [f"weight_{i}" for i in range(1, len(names))], names
     return [tensors[prefix + name].double() for name in names]
-
-
-def reference_core(chain_type: str, factors: list[torch.Tensor]) -> torch.Tensor:
-    """T from the papers' definitions."""
-    if chain_type in ("moslora", "mtlora_shim"):
-        (C,) = factors
-        return C
-    if chain_type == "linchain":
-        return functools.reduce(torch.matmul, factors)
-    if chain_type == "mtlora_icfm":
-        (C,) = factors
-        return C @ C.T
-    if chain_type == "mtlora_ctcm":
-        C, D = factors
-        return C @ D
-    if chain_type == "mtlora_dtsm":
-        C, D = factors
-        return C + D
-    raise AssertionError(chain_type)
 
 
 EXPECTED_FACTOR_SHAPES = {

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_gpt2, tiny_llama
+from conftest import randomize_adapters, reference_core, tiny_gpt2, tiny_llama
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -25,29 +25,6 @@ def chain_config(chain_type: str, **overrides) -> ChainLoraConfig:
         kwargs["chain_dims"] = LINCHAIN_DIMS
     kwargs.update(overrides)
     return ChainLoraConfig(**kwargs)
-
-
-def reference_core(chain_type: str, factors: list[torch.Tensor]) -> torch.Tensor:
-    """T by the papers' definitions (DESIGN.md table), in float64."""
-    factors = [f.detach().double() for f in factors]
-    if chain_type in ("moslora", "mtlora_shim"):
-        (C,) = factors
-        return C
-    if chain_type == "linchain":
-        T = factors[0]
-        for link in factors[1:]:
-            T = T @ link
-        return T
-    if chain_type == "mtlora_icfm":
-        (C,) = factors
-        return C @ C.T
-    if chain_type == "mtlora_ctcm":
-        C, D = factors
-        return C @ D
-    if chain_type == "mtlora_dtsm":
-        C, D = factors
-        return C + D
-    raise AssertionError(chain_type)
 
 
 def core_factors(layer, adapter="default") -> list[torch.Tensor]:
@@ -212,7 +189,9 @@ def q_proj_of(transformers_model):
 def test_trainable_reload_continues_training(tiny_llama_dir, tmp_path, input_ids):
     model = chain_model("linchain", base=AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
     model.save_pretrained(tmp_path)
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path, is_trainable=True)
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path, is_trainable=True
+    )
     trainable = [name for name, param in reloaded.named_parameters() if param.requires_grad]
     assert sum(".lora_core." in name for name in trainable) == 2 * len(TARGETS) * 2  # 2 layers, 2 links
 
@@ -275,12 +254,16 @@ def test_trainable_parameter_count_matches_formula(chain_type):
     dims = LINCHAIN_DIMS if chain_type == "linchain" else None
     adapted = [m for m in model.modules() if hasattr(m, "lora_core")]
     assert len(adapted) == 2 * len(TARGETS)
-    expected = sum((m.in_features + m.out_features) * R + expected_core_parameters(chain_type, R, dims) for m in adapted)
+    expected = sum(
+        (m.in_features + m.out_features) * R + expected_core_parameters(chain_type, R, dims) for m in adapted
+    )
     assert trainable == expected
 
 
 def test_linchain_default_is_three_square_links_as_in_the_paper():
-    model = get_peft_model(tiny_llama(), ChainLoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"], chain_type="linchain"))
+    model = get_peft_model(
+        tiny_llama(), ChainLoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"], chain_type="linchain")
+    )
     layer = q_proj(model)
     assert [tuple(f.shape) for f in core_factors(layer)] == [(R, R)] * 3
     trainable, _ = model.get_nb_trainable_parameters()

@@ -17,9 +17,9 @@ import bitsandbytes as bnb
 import peft
 import pytest
 import torch
-from conftest import VOCAB, randomize_adapters
+from conftest import randomize_adapters, reference_core, tiny_llama
 from peft.tuners.lora import bnb as peft_bnb
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import axolotl_chainlora
 import axolotl_chainlora.bnb as chain_bnb
@@ -113,24 +113,10 @@ def factors_of(layer) -> list[torch.Tensor]:
     return [getattr(core, name).detach().double() for name in ordered]
 
 
-def reference_core(chain: str, factors: list[torch.Tensor]) -> torch.Tensor:
-    """T from the method's definition (not from the package's ChainCore)."""
-    chain_type = chain_type_of(chain)
+def chain_core(chain: str, factors: list[torch.Tensor]) -> torch.Tensor:
+    """T from the method's definition (conftest.reference_core, not the package's ChainCore)."""
     assert len(factors) == N_FACTORS[chain]
-    if chain_type in ("moslora", "mtlora_shim"):
-        return factors[0]
-    if chain_type == "linchain":
-        T = factors[0]
-        for W in factors[1:]:
-            T = T @ W
-        return T
-    if chain_type == "mtlora_icfm":
-        return factors[0] @ factors[0].T
-    if chain_type == "mtlora_ctcm":
-        return factors[0] @ factors[1]
-    if chain_type == "mtlora_dtsm":
-        return factors[0] + factors[1]
-    raise AssertionError(chain_type)
+    return reference_core(chain_type_of(chain), factors)
 
 
 def raw_A_B(layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +126,7 @@ def raw_A_B(layer) -> tuple[torch.Tensor, torch.Tensor]:
 def reference_delta(layer, chain: str) -> torch.Tensor:
     """s * B @ T @ A in float64 (out x in)."""
     A, B = raw_A_B(layer)
-    return SCALE * B @ reference_core(chain, factors_of(layer)) @ A
+    return SCALE * B @ chain_core(chain, factors_of(layer)) @ A
 
 
 def plain_lora_delta(layer) -> torch.Tensor:
@@ -250,7 +236,7 @@ def test_quantized_layer_output_matches_reference(tiny_llama_dir, input_ids, qua
         with torch.no_grad():
             base = layer.get_base_layer()(x).double()
         A, B = raw_A_B(layer)
-        T = reference_core(chain, factors_of(layer))
+        T = chain_core(chain, factors_of(layer))
         xd = x.double()
         expected = base + SCALE * (xd @ A.T @ T.T @ B.T)
         assert out.dtype == torch.float32
@@ -364,7 +350,7 @@ def test_quantized_init_is_exact_noop(tiny_llama_dir, input_ids, quant, chain):
     model = chain_model(tiny_llama_dir, quant, chain)
     # the core itself is not zero (kaiming): the no-op comes from B = 0 alone
     for layer in adapted_layers(model).values():
-        assert reference_core(chain, factors_of(layer)).abs().max() > 0
+        assert chain_core(chain, factors_of(layer)).abs().max() > 0
         assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
     chain_logits = logits(model, input_ids)
     assert torch.equal(chain_logits, base_logits), (chain_logits - base_logits).abs().max()
@@ -409,18 +395,8 @@ def test_quantized_save_and_reload(tiny_llama_dir, tmp_path, input_ids, quant, c
 
 @pytest.fixture(scope="module")
 def wide_llama_dir(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
     path = tmp_path_factory.mktemp("wide-llama")
-    LlamaForCausalLM(config).eval().save_pretrained(path)
+    tiny_llama(hidden_size=64).save_pretrained(path)
     return str(path)
 
 

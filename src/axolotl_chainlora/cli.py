@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="offline demo: train a chain adapter on a tiny local model, then save, fold and merge it",
     )
-    demo.add_argument("out_dir", nargs="?", default="demo-output", help="a new directory to write (default: demo-output)")
+    demo.add_argument(
+        "out_dir", nargs="?", default="demo-output", help="a new directory to write (default: demo-output)"
+    )
     demo.add_argument("--chain-type", default="linchain", choices=CHAIN_TYPES)
     demo.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
     return parser

@@ -74,19 +74,11 @@ class ChainCore(nn.Module):
             # the papers' default, the same draw as nn.Linear and LoRA's A
             for factor in factors:
                 nn.init.kaiming_uniform_(factor, a=math.sqrt(5))
-        elif init == "identity":
-            # T = I at the start, so the adapter starts as exact LoRA; DTSM's D = 0 keeps C + D = I
+        elif init in ("identity", "orthogonal"):
+            # identity: T = I, so training starts as exact LoRA; DTSM keeps D = 0 so that C + D = C
+            fill = nn.init.eye_ if init == "identity" else nn.init.orthogonal_
             for index, factor in enumerate(factors):
-                if self.chain_type == "mtlora_dtsm" and index == 1:
-                    nn.init.zeros_(factor)
-                else:
-                    nn.init.eye_(factor)
-        elif init == "orthogonal":
-            for index, factor in enumerate(factors):
-                if self.chain_type == "mtlora_dtsm" and index == 1:
-                    nn.init.zeros_(factor)
-                else:
-                    nn.init.orthogonal_(factor)
+                (nn.init.zeros_ if self.chain_type == "mtlora_dtsm" and index == 1 else fill)(factor)
         else:
             raise ValueError(f"chain_init={init!r} is not one of {CHAIN_INITS}.")
 

@@ -52,7 +52,10 @@ def build_tiny_llama(out_dir: Path, texts: list[str], seed: int = 0) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=512, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=512, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
@@ -100,7 +103,9 @@ def run_demo(out_dir: str | Path, chain_type: str = "linchain", steps: int = 60)
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     dataset = [tokenizer(text + tokenizer.eos_token) for text in texts]
-    config = ChainLoraConfig(r=8, lora_alpha=16, target_modules=DEMO_TARGETS, chain_type=chain_type, task_type="CAUSAL_LM")
+    config = ChainLoraConfig(
+        r=8, lora_alpha=16, target_modules=DEMO_TARGETS, chain_type=chain_type, task_type="CAUSAL_LM"
+    )
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
     model.print_trainable_parameters()
 

@@ -27,7 +27,9 @@ from .cores import ChainCore
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def fold_to_lora(model_or_adapter_dir: PeftModel | str | os.PathLike, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
+def fold_to_lora(
+    model_or_adapter_dir: PeftModel | str | os.PathLike, out_dir: str | os.PathLike, adapter_name: str = "default"
+) -> Path:
     """Write the chain adapter as a plain PEFT LoRA adapter with the same outputs.
 
     Takes a PeftModel holding the chain adapter `adapter_name`, or a saved chain adapter
@@ -53,7 +55,9 @@ def fold_to_lora(model_or_adapter_dir: PeftModel | str | os.PathLike, out_dir: s
     return _write_new_directory(Path(out_dir), write)
 
 
-def fold_tensors(config: ChainLoraConfig, tensors: dict[str, torch.Tensor]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def fold_tensors(
+    config: ChainLoraConfig, tensors: dict[str, torch.Tensor]
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Fold every core into its A; returns the plain LoraConfig and the saved-format tensors."""
     lora_fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig) if f.init}
     lora_config = LoraConfig(**lora_fields)
@@ -84,7 +88,9 @@ def fold_tensors(config: ChainLoraConfig, tensors: dict[str, torch.Tensor]) -> t
     return lora_config, folded
 
 
-def _core_from_tensors(config: ChainLoraConfig, module_key: str, core_r: int, factors: dict[str, torch.Tensor]) -> ChainCore:
+def _core_from_tensors(
+    config: ChainLoraConfig, module_key: str, core_r: int, factors: dict[str, torch.Tensor]
+) -> ChainCore:
     chain_dims = config.chain_dims if config.chain_type == "linchain" else None
     # identity init draws no random numbers; the saved factors replace it
     core = ChainCore(config.chain_type, core_r, chain_dims, init="identity").double()
@@ -120,7 +126,9 @@ MODEL_CLASS_FOR_TASK = {
 }
 
 
-def merge_to_full_model(adapter_dir: str | os.PathLike, base_model: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def merge_to_full_model(
+    adapter_dir: str | os.PathLike, base_model: str | os.PathLike, out_dir: str | os.PathLike
+) -> Path:
     """Merge the adapter into `base_model` (in its own dtype, unquantized) and save it in safetensors."""
     import transformers
 

@@ -14,8 +14,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.lora import LoraLayer
 from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import LoraVariant
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import transpose
@@ -209,4 +209,9 @@ def chain_layer_mapping() -> dict[type, object]:
     isinstance match, so bnb layers (which subclass nn.Linear) come first and the refusal last."""
     from .bnb import BNB_LAYER_MAPPING  # bnb.py builds on this module
 
-    return {**BNB_LAYER_MAPPING, Conv1D: _dispatch_linear, nn.Linear: _dispatch_linear, nn.Module: _refuse_unsupported_target}
+    return {
+        **BNB_LAYER_MAPPING,
+        Conv1D: _dispatch_linear,
+        nn.Linear: _dispatch_linear,
+        nn.Module: _refuse_unsupported_target,
+    }
