@@ -8,7 +8,14 @@ import json
 import pytest
 import torch
 from conftest import randomize_adapters, reference_core, tiny_gpt2, tiny_llama
-from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+from peft import (
+    AutoPeftModelForCausalLM,
+    LoraConfig,
+    PeftModel,
+    convert_to_lora,
+    get_peft_model,
+    set_peft_model_state_dict,
+)
 from transformers import AutoModelForCausalLM
 
 import axolotl_chainlora
@@ -279,3 +286,13 @@ def test_rank_pattern_gives_each_layer_its_own_square_chain():
     down = model.base_model.model.model.layers[0].mlp.down_proj
     assert [tuple(f.shape) for f in core_factors(down)] == [(2, 2)] * 3
     assert [tuple(f.shape) for f in core_factors(q_proj(model))] == [(R, R)] * 3
+
+
+def test_peft_svd_conversion_sees_the_core(input_ids):
+    # PEFT's convert_to_lora works from get_delta_weight; the update has rank <= r, so rank r is exact
+    model = chain_model("linchain")
+    expected = model(input_ids).logits
+    lora_config, state_dict = convert_to_lora(model, rank=R)
+    converted = get_peft_model(tiny_llama(), lora_config)
+    set_peft_model_state_dict(converted, state_dict)
+    torch.testing.assert_close(converted.eval()(input_ids).logits, expected, atol=1e-5, rtol=0)

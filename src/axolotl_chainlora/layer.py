@@ -3,7 +3,7 @@
 The core is a LoRA variant in PEFT's sense (`ChainVariant`): PEFT's own Linear,
 Linear4bit and Linear8bitLt then run forward, merge, unmerge, disable and mixed
 batches through it. `ChainLoraLayer` adds what the variant API does not cover:
-the delta weight (merge, SVD conversion), fused q/k/v splits and a strict check
+the delta weight (merge, PEFT's SVD conversion), fused q/k/v splits and a strict check
 of loaded tensors.
 """
 
@@ -135,10 +135,6 @@ class ChainLoraLayer:
         B = torch.block_diag(*lora_B.blocks()) if isinstance(lora_B, FusedLoraB) else lora_B.weight
         delta = (B.float() @ core_times_A) * self.scaling[adapter]
         return transpose(delta, self.fan_in_fan_out).to(lora_B.weight.dtype)
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        # get_delta_weight includes the core, so PEFT's SVD conversion to plain LoRA is exact up to rank
-        return True
 
 
 def _refuse_incomplete_adapter_tensors(module, state_dict, prefix, *args) -> None:
