@@ -34,7 +34,18 @@ from .registration import register_with_peft  # noqa: E402
 
 register_with_peft()
 
+
+def __getattr__(name: str):
+    # the axolotl plugin imports axolotl: load it only when axolotl asks for it
+    if name == "ChainLoraPlugin":
+        from .plugin import ChainLoraPlugin
+
+        return ChainLoraPlugin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "ChainLoraPlugin",
     "CHAIN_INITS",
     "CHAIN_PEFT_TYPE",
     "CHAIN_TYPES",

@@ -138,6 +138,15 @@ class ChainLoraConfig(LoraConfig):
                     f"(chain_type={self.chain_type!r}): remove {f.name}."
                 )
 
+    @classmethod
+    def from_lora_config(cls, lora_config: LoraConfig, **chain_fields) -> ChainLoraConfig:
+        """A chain config with every LoraConfig setting of `lora_config` (targets, r, alpha, dropout...)."""
+        return cls(**_lora_fields(lora_config), **chain_fields)
+
+    def to_lora_config(self) -> LoraConfig:
+        """The plain LoraConfig of this adapter's LoRA settings, without the core."""
+        return LoraConfig(**_lora_fields(self))
+
     def fused_split_sizes(self, module_key: str, out_features: int) -> list[int] | None:
         """Output slice sizes of a fused projection named in chain_fused_splits, else None."""
         for pattern, split in (self.chain_fused_splits or {}).items():
@@ -162,3 +171,7 @@ class ChainLoraConfig(LoraConfig):
         serialised = super().to_dict()
         serialised["peft_type"] = CHAIN_PEFT_TYPE
         return serialised
+
+
+def _lora_fields(config: LoraConfig) -> dict:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig) if f.init and f.name != "peft_type"}

@@ -8,7 +8,6 @@ the base model with the adapter merged in.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -59,8 +58,7 @@ def fold_tensors(
     config: ChainLoraConfig, tensors: dict[str, torch.Tensor]
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Fold every core into its A; returns the plain LoraConfig and the saved-format tensors."""
-    lora_fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig) if f.init}
-    lora_config = LoraConfig(**lora_fields)
+    lora_config = config.to_lora_config()
     rank_pattern = dict(lora_config.rank_pattern)
     folded = {key: value for key, value in tensors.items() if ".lora_core." not in key}
     # every module of a chain adapter has a core: walk the A's, so a module whose core is gone is caught

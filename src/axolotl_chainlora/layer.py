@@ -179,7 +179,7 @@ class Linear(ChainLoraLayer, LoraLinear):
 def _dispatch_linear(target: nn.Module, adapter_name: str, config: ChainLoraConfig, **kwargs) -> Linear:
     base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     is_conv1d = isinstance(base_layer, Conv1D)
-    if config.fan_in_fan_out != is_conv1d:
+    if bool(config.fan_in_fan_out) != is_conv1d:
         raise ValueError(
             f"fan_in_fan_out={config.fan_in_fan_out} does not fit module '{kwargs.get('target_name')}' of type "
             f"{type(base_layer).__name__}: set fan_in_fan_out={is_conv1d} "
