@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 
-from .cores import CHAIN_TYPES
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="axolotl-chainlora", description=__doc__)
@@ -24,13 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base-model", help="the base model directory (required with --merge)")
     demo = commands.add_parser(
         "demo",
-        help="offline demo: train a chain adapter on a tiny local model, then save, fold and merge it",
+        help="offline demo: train LinChain on a tiny local model through `axolotl train`, then merge and fold it",
     )
     demo.add_argument(
         "out_dir", nargs="?", default="demo-output", help="a new directory to write (default: demo-output)"
     )
-    demo.add_argument("--chain-type", default="linchain", choices=CHAIN_TYPES)
-    demo.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
     return parser
 
 
@@ -63,12 +59,14 @@ def run_demo_command(args) -> int:
     from .demo import run_demo
 
     try:
-        results = run_demo(args.out_dir, chain_type=args.chain_type, steps=args.steps)
-    except FileExistsError as error:
+        results = run_demo(args.out_dir)
+    except (FileExistsError, RuntimeError) as error:
         print(f"axolotl-chainlora demo: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(results, indent=2))
-    print(f"wrote the base model, adapter, folded LoRA and merged model under {args.out_dir}")
+    print(
+        f"wrote the base model, config, adapter (out/), plain LoRA (out/plain_lora) and merged model (out/merged) under {args.out_dir}"
+    )
     return 0
 
 

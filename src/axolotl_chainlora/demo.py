@@ -1,5 +1,5 @@
-"""The offline demo: a tiny Llama and tokenizer built here, a small generated dataset,
-a chain adapter trained with the transformers Trainer, then saved, folded and merged.
+"""The offline demo: a tiny Llama and tokenizer built here and a small generated dataset,
+trained with a chain adapter through the real axolotl CLI, then merged and folded.
 
 Nothing is downloaded: the model has random weights and the tokenizer is trained on
 the demo data itself.
@@ -8,12 +8,14 @@ the demo data itself.
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+from importlib import resources
 from pathlib import Path
 
 import torch
-
-DEMO_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def demo_records(count: int = 256, seed: int = 0) -> list[dict[str, str]]:
@@ -78,74 +80,79 @@ def build_tiny_llama(out_dir: Path, texts: list[str], seed: int = 0) -> Path:
     return out_dir
 
 
-def run_demo(out_dir: str | Path, chain_type: str = "linchain", steps: int = 60) -> dict[str, float]:
-    """Train, save, fold and merge a chain adapter on the tiny model; returns the measured numbers."""
-    from peft import PeftModel, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
 
-    from . import ChainLoraConfig, fold_to_lora, merge_to_full_model
+
+def prepare_demo(out_dir: Path) -> Path:
+    """Write the base model, the dataset and the axolotl config into `out_dir`; returns the config."""
+    records = demo_records()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "data.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    build_tiny_llama(out_dir / "base", [alpaca_text(record) for record in records])
+    config = out_dir / "config.yml"
+    config.write_text((resources.files(__package__) / "demo_config.yml").read_text())
+    return config
+
+
+def run_axolotl(args: list[str], cwd: Path, log_name: str = "axolotl.log") -> subprocess.CompletedProcess:
+    """Run the real `axolotl` command offline, from the environment this package is installed in."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, **OFFLINE_ENV, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    result = subprocess.run([str(Path(bin_dir) / "axolotl"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    (cwd / log_name).write_text(result.stdout + result.stderr)
+    return result
+
+
+def mean_response_loss(model, tokenizer, records: list[dict[str, str]]) -> float:
+    """Mean cross-entropy on the response tokens, the ones alpaca training learns."""
+    losses = []
+    for record in records:
+        prompt = alpaca_text({**record, "output": ""})
+        ids = tokenizer(alpaca_text(record) + tokenizer.eos_token, return_tensors="pt").input_ids
+        labels = ids.clone()
+        labels[:, : len(tokenizer(prompt).input_ids)] = -100
+        with torch.no_grad():
+            losses.append(model(input_ids=ids, labels=labels).loss.item())
+    return sum(losses) / len(losses)
+
+
+def run_demo(out_dir: str | Path) -> dict[str, float]:
+    """Train LinChain on the tiny model through `axolotl train`, merge with `axolotl merge-lora`,
+    and check the adapter, its plain-LoRA fold and the merged model against each other."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import axolotl_chainlora  # noqa: F401  registers the chain adapters with PEFT
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty: choose a new output directory or remove it.")
-    records = demo_records()
-    texts = [alpaca_text(record) for record in records]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "data.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
-    base_dir = build_tiny_llama(out_dir / "base", texts)
+    config = prepare_demo(out_dir)
+    for command, log_name in ((["train", config.name], "train.log"), (["merge-lora", config.name], "merge.log")):
+        result = run_axolotl(command, out_dir, log_name)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"axolotl {' '.join(command)} failed; see {out_dir / log_name}:\n{result.stderr[-3000:]}"
+            )
 
+    base_dir, adapter_dir = out_dir / "base", out_dir / "out"
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    dataset = [tokenizer(text + tokenizer.eos_token) for text in texts]
-    config = ChainLoraConfig(
-        r=8, lora_alpha=16, target_modules=DEMO_TARGETS, chain_type=chain_type, task_type="CAUSAL_LM"
-    )
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
-    model.print_trainable_parameters()
-
-    losses: list[float] = []
-
-    class RecordLoss(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
-    args = TrainingArguments(
-        output_dir=str(out_dir / "trainer"),
-        max_steps=steps,
-        per_device_train_batch_size=16,
-        learning_rate=3e-3,
-        lr_scheduler_type="constant",
-        logging_steps=10,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-    )
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[RecordLoss()]).train()
-    model.save_pretrained(out_dir / "adapter")
-
-    model.eval()
-    probe = tokenizer(texts[:4], return_tensors="pt", padding=True)
+    records = demo_records()[:48]
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    base_loss = mean_response_loss(base, tokenizer, records)
+    chain = PeftModel.from_pretrained(base, adapter_dir).eval()
+    trained_loss = mean_response_loss(chain, tokenizer, records)
+    probe = tokenizer([alpaca_text(record) for record in records[:4]], return_tensors="pt", padding=True)
     with torch.no_grad():
-        chain_logits = model(**probe).logits
-        fold_to_lora(out_dir / "adapter", out_dir / "lora")
-        folded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out_dir / "lora")
+        chain_logits = chain(**probe).logits
+        folded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir / "plain_lora")
         fold_diff = (folded(**probe).logits - chain_logits).abs().max().item()
-        merge_to_full_model(out_dir / "adapter", base_dir, out_dir / "merged")
-        merged = AutoModelForCausalLM.from_pretrained(out_dir / "merged")
+        merged = AutoModelForCausalLM.from_pretrained(adapter_dir / "merged")
         merge_diff = (merged(**probe).logits - chain_logits).abs().max().item()
 
     results = {
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
+        "base_response_loss": base_loss,
+        "trained_response_loss": trained_loss,
         "fold_max_abs_diff": fold_diff,
         "merge_max_abs_diff": merge_diff,
     }
