@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from .config import SUPPORTED_LORA_INITS
+from .config import SUPPORTED_LORA_INITS, check_chain_dims, check_fused_splits
 
 LOG = logging.getLogger("axolotl_chainlora")
 
@@ -114,12 +114,7 @@ def _validate_chain_keys(data: dict, adapter: str) -> None:
         )
     dims = data.get("linchain_dims")
     if dims is not None:
-        if len(dims) < 2 or not all(isinstance(d, int) and d > 0 for d in dims):
-            raise ValueError(f"linchain_dims={dims} must be at least two positive integers, e.g. [{r}, {r}, {r}, {r}].")
-        if dims[0] != r or dims[-1] != r:
-            raise ValueError(
-                f"linchain_dims={dims} must start and end with lora_r={r}, e.g. [{r}, {2 * r}, {r}] (LinChain-2-{r})."
-            )
+        check_chain_dims(dims, r, key="linchain_dims", r_key="lora_r")
         if n is not None and n != len(dims) - 1:
             raise ValueError(
                 f"linchain_n={n} but linchain_dims={dims} has {len(dims) - 1} links: drop linchain_n or make them agree."
@@ -129,6 +124,8 @@ def _validate_chain_keys(data: dict, adapter: str) -> None:
                 "linchain_dims fixes the rank of every layer and cannot be combined with lora_rank_pattern: "
                 "drop linchain_dims (each layer then gets linchain_n + 1 copies of its own rank)."
             )
+    if data.get("mtlora_fused_splits"):
+        check_fused_splits(data["mtlora_fused_splits"], key="mtlora_fused_splits")
 
 
 def _refuse_what_assumes_no_core(data: dict, adapter: str) -> None:
@@ -185,11 +182,6 @@ def _quantize_base(data: dict) -> None:
         return
     if data.get("load_in_4bit") and data.get("load_in_8bit"):
         raise ValueError("load_in_4bit and load_in_8bit are both set: choose one.")
-    model_kwargs = dict(data.get("model_kwargs") or data.get("overrides_of_model_kwargs") or {})
-    if "quantization_config" in model_kwargs:
-        raise ValueError(
-            "model_kwargs.quantization_config is set together with load_in_4bit/load_in_8bit: keep one of them."
-        )
     if data.get("load_in_4bit"):
         dtype = _compute_dtype(data)
         quantization = {
@@ -203,13 +195,27 @@ def _quantize_base(data: dict) -> None:
     else:
         quantization = {"quant_method": "bitsandbytes", "load_in_8bit": True}
     quantization.update(data.get("bnb_config_kwargs") or {})
+    model_kwargs = dict(data.get("model_kwargs") or data.get("overrides_of_model_kwargs") or {})
+    # a config validated before (Ray workers validate again) already carries exactly this
+    if model_kwargs.get("quantization_config", quantization) != quantization:
+        raise ValueError(
+            "model_kwargs.quantization_config is set together with load_in_4bit/load_in_8bit: keep one of them."
+        )
     model_kwargs["quantization_config"] = quantization
     data.pop("overrides_of_model_kwargs", None)
     data["model_kwargs"] = model_kwargs
 
 
 def _compute_dtype(data: dict) -> str:
-    if data.get("bf16") in (True, "auto") or data.get("torch_dtype") in ("bfloat16", "bf16"):
+    """The dtype axolotl will train in (its resolve_dtype): 4-bit layers compute in it, as for qlora."""
+    bf16 = data.get("bf16")
+    if bf16 == "auto" and not data.get("fp16"):
+        from transformers.utils import is_torch_bf16_gpu_available
+
+        bf16 = is_torch_bf16_gpu_available()
+        if not bf16:
+            return "float16"
+    if bf16 is True or data.get("torch_dtype") in ("bfloat16", "bf16"):
         return "bfloat16"
     if data.get("fp16") or data.get("torch_dtype") in ("float16", "fp16"):
         return "float16"

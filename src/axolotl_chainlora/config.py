@@ -83,26 +83,17 @@ class ChainLoraConfig(LoraConfig):
             self._validate_fused_splits()
 
     def _validate_chain_dims(self) -> None:
-        dims = list(self.chain_dims)
         if self.chain_type != "linchain":
             raise ValueError(
                 f"chain_dims is for chain_type='linchain' only, not {self.chain_type!r}: remove chain_dims."
             )
-        if len(dims) < 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
-            raise ValueError(
-                f"chain_dims={dims} must be a list of at least two positive integers d0..dn, e.g. [r, r, r, r]."
-            )
-        if dims[0] != self.r or dims[-1] != self.r:
-            raise ValueError(
-                f"chain_dims={dims} must start and end with r={self.r} (d0 = dn = r), e.g. "
-                f"[{self.r}, {2 * self.r}, {self.r}]."
-            )
+        check_chain_dims(self.chain_dims, self.r, key="chain_dims", r_key="r")
         if self.rank_pattern:
             raise ValueError(
                 "chain_dims fixes the rank of every layer, so it cannot be combined with rank_pattern: "
                 "remove chain_dims (each layer then gets [r, r, r, r] for its own r) or rank_pattern."
             )
-        self.chain_dims = dims
+        self.chain_dims = list(self.chain_dims)
 
     def _validate_fused_splits(self) -> None:
         if not self.chain_type.startswith("mtlora_"):
@@ -110,13 +101,7 @@ class ChainLoraConfig(LoraConfig):
                 f"chain_fused_splits is for the mtlora_* chain types only, not {self.chain_type!r}: "
                 "remove chain_fused_splits."
             )
-        for pattern, split in self.chain_fused_splits.items():
-            sizes = [split] if isinstance(split, int) else list(split)
-            if isinstance(split, int) and split < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
-                raise ValueError(
-                    f"chain_fused_splits[{pattern!r}]={split!r} must be a number of equal slices (>= 2) "
-                    "or a list of positive slice sizes."
-                )
+        check_fused_splits(self.chain_fused_splits, key="chain_fused_splits")
         if self.lora_bias:
             raise ValueError("lora_bias=True is not supported with chain_fused_splits: set lora_bias=False.")
 
@@ -171,6 +156,36 @@ class ChainLoraConfig(LoraConfig):
         serialised = super().to_dict()
         serialised["peft_type"] = CHAIN_PEFT_TYPE
         return serialised
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_chain_dims(dims, r: int, key: str, r_key: str) -> None:
+    """LinChain's link dims d0..dn: positive, at least two, d0 = dn = r. `key` names the setting in errors."""
+    if not isinstance(dims, (list, tuple)) or len(dims) < 2 or not all(_is_positive_int(d) for d in dims):
+        raise ValueError(
+            f"{key}={dims} must be a list of at least two positive integers d0..dn, e.g. [{r}, {r}, {r}, {r}]."
+        )
+    if dims[0] != r or dims[-1] != r:
+        raise ValueError(
+            f"{key}={list(dims)} must start and end with {r_key}={r} (d0 = dn = r), e.g. [{r}, {2 * r}, {r}]."
+        )
+
+
+def check_fused_splits(splits: dict, key: str) -> None:
+    """Fused-projection splits: a number of equal slices (>= 2) or a list of positive slice sizes per module."""
+    for pattern, split in splits.items():
+        valid = (
+            split >= 2
+            if _is_positive_int(split)
+            else (isinstance(split, (list, tuple)) and len(split) > 0 and all(_is_positive_int(s) for s in split))
+        )
+        if not valid:
+            raise ValueError(
+                f"{key}[{pattern!r}]={split!r} must be a number of equal slices (>= 2) or a list of positive slice sizes."
+            )
 
 
 def _lora_fields(config: LoraConfig) -> dict:

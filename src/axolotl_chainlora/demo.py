@@ -94,11 +94,14 @@ def prepare_demo(out_dir: Path) -> Path:
     return config
 
 
-def run_axolotl(args: list[str], cwd: Path, log_name: str = "axolotl.log") -> subprocess.CompletedProcess:
+def run_axolotl(
+    args: list[str], cwd: Path, log_name: str = "axolotl.log", stdin: str | None = None
+) -> subprocess.CompletedProcess:
     """Run the real `axolotl` command offline, from the environment this package is installed in."""
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, **OFFLINE_ENV, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-    result = subprocess.run([str(Path(bin_dir) / "axolotl"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    command = [str(Path(bin_dir) / "axolotl"), *args]
+    result = subprocess.run(command, cwd=cwd, env=env, input=stdin, capture_output=True, text=True)
     (cwd / log_name).write_text(result.stdout + result.stderr)
     return result
 

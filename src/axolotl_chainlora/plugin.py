@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
@@ -36,7 +35,8 @@ class ChainLoraPlugin(BasePlugin):
 
     def __init__(self):
         super().__init__()
-        self._training_ended_at: float | None = None
+        # the saved adapter file as it was when training ended (None: absent), or no training yet
+        self._adapter_at_train_end: tuple | None | bool = False
 
     def get_input_args(self) -> str:
         return "axolotl_chainlora.args.ChainLoraArgs"
@@ -85,13 +85,14 @@ class ChainLoraPlugin(BasePlugin):
         return [_RecordTrainingEnd(self)]
 
     def post_train(self, cfg, model):
-        # called twice by axolotl: right after training, and again after the adapter is saved
-        if not (uses_chain_adapter(cfg) and cfg.chain_export_lora and self._training_ended_at):
+        # axolotl calls this right after training and again once the final adapter is saved:
+        # fold when the adapter file has been written since training ended
+        if not (uses_chain_adapter(cfg) and cfg.chain_export_lora) or self._adapter_at_train_end is False:
             return
         adapter_weights = Path(cfg.output_dir) / ADAPTER_WEIGHTS
-        if not adapter_weights.is_file() or adapter_weights.stat().st_mtime < self._training_ended_at:
-            return  # the first call: the final adapter is not written yet
-        self._training_ended_at = None
+        if not adapter_weights.is_file() or _file_version(adapter_weights) == self._adapter_at_train_end:
+            return
+        self._adapter_at_train_end = False
         if int(os.environ.get("RANK", "0")) != 0:
             return
         out_dir = Path(cfg.output_dir) / PLAIN_LORA_DIR
@@ -105,7 +106,13 @@ class _RecordTrainingEnd(TrainerCallback):
         self.plugin = plugin
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.plugin._training_ended_at = time.time()
+        adapter_weights = Path(args.output_dir) / ADAPTER_WEIGHTS
+        self.plugin._adapter_at_train_end = _file_version(adapter_weights) if adapter_weights.is_file() else None
+
+
+def _file_version(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _require_quantized_base(cfg, model) -> None:
@@ -127,7 +134,7 @@ def _require_same_chain(cfg, config: ChainLoraConfig, saved) -> None:
             f"lora_model_dir={cfg.lora_model_dir} holds a {type(saved).__name__} adapter, not adapter: "
             f"{cfg.adapter}: point lora_model_dir at a chain adapter or change adapter."
         )
-    for field in ("r", "chain_type", "chain_dims", "chain_fused_splits"):
+    for field in ("r", "lora_alpha", "use_rslora", "chain_type", "chain_dims", "chain_fused_splits"):
         saved_value, wanted = _chain_setting(saved, field), _chain_setting(config, field)
         if saved_value != wanted:
             raise ValueError(

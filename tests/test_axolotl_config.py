@@ -1,0 +1,594 @@
+"""The chain adapters' YAML keys through axolotl's own config loading, in process.
+
+Every YAML here goes through `axolotl.cli.config.load_cfg`, the function every axolotl
+command starts with: plugin discovery (the `axolotl.plugins` entry point, `plugins:`),
+the plugin-extended pydantic schema (`validate_config`), then `normalize_config`. A bad
+YAML must fail there, before any model is loaded, with a pydantic ValidationError that
+names the key and the fix; a good one must validate to what the user meant.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+
+import pytest
+import yaml
+
+pytest.importorskip("axolotl", reason="the axolotl extra is not installed")
+
+import torch
+from axolotl.cli.config import gpu_capabilities, load_cfg
+from axolotl.integrations import base as axolotl_plugins
+from axolotl.integrations.base import PluginManager
+from axolotl.utils.config import prepare_plugins, validate_config
+from axolotl.utils.dict import DictDefault
+from axolotl.utils.tee import close_debug_log
+from pydantic import ValidationError
+from transformers import BitsAndBytesConfig
+
+from axolotl_chainlora import ChainLoraConfig
+from axolotl_chainlora.args import chain_config_fields
+from axolotl_chainlora.demo import prepare_demo
+from axolotl_chainlora.plugin import ChainLoraPlugin
+
+PLUGIN = "axolotl_chainlora.ChainLoraPlugin"
+R = 8  # lora_r of the demo config
+KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+DROP = object()  # an override that removes the key from the YAML
+# the three chain adapters, each with the keys it needs
+ADAPTERS = {
+    "linchain": {"adapter": "linchain"},
+    "moslora": {"adapter": "moslora"},
+    "mtlora": {"adapter": "mtlora", "mtlora_structure": "icfm"},
+}
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """The demo's tiny Llama + tokenizer (base/), data.jsonl and config.yml, built once."""
+    path = tmp_path_factory.mktemp("chain-demo")
+    prepare_demo(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_yaml(demo_dir) -> dict:
+    """The demo YAML (adapter: linchain, lora_r: 8) with absolute paths and only axolotl keys
+    plus `adapter`: no `plugins:` line (0.21 finds the plugin by its entry point)."""
+    data = yaml.safe_load((demo_dir / "config.yml").read_text())
+    data.pop("plugins")
+    data.pop("chain_export_lora")
+    data["base_model"] = str(demo_dir / "base")
+    data["datasets"][0]["path"] = str(demo_dir / "data.jsonl")
+    assert data["adapter"] == "linchain" and data["lora_r"] == R and data["bf16"] is False
+    return data
+
+
+@pytest.fixture(autouse=True)
+def isolated_axolotl(monkeypatch):
+    """A fresh PluginManager singleton per test, and no process state left behind by load_cfg:
+    its environment variables (ACCELERATE_MIXED_PRECISION, ...) and its debug.log / stdout tee."""
+    saved_environ = dict(os.environ)
+    os.environ["AXOLOTL_TEE_STDOUT"] = "0"
+    monkeypatch.setattr(PluginManager, "_instance", None)  # the old one is put back afterwards
+    yield
+    close_debug_log()
+    os.environ.clear()
+    os.environ.update(saved_environ)
+
+
+def write_yaml(tmp_path, base: dict, **overrides) -> str:
+    data = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if value is DROP:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    data["output_dir"] = str(tmp_path / "out")
+    data["dataset_prepared_path"] = str(tmp_path / "prepared")
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def load(tmp_path, base: dict, **overrides) -> DictDefault:
+    """Validate the YAML as every axolotl command does."""
+    return load_cfg(write_yaml(tmp_path, base, **overrides))
+
+
+def refused(tmp_path, base: dict, patterns: list[str], **overrides) -> None:
+    with pytest.raises(ValidationError) as error:
+        load(tmp_path, base, **overrides)
+    # raised by axolotl's schema, extended with ChainLoraArgs
+    assert error.value.title == "AxolotlConfigWCapabilities"
+    message = str(error.value)
+    for pattern in patterns:
+        assert re.search(pattern, message), f"{pattern!r} not in:\n{message}"
+
+
+def chain_plugins() -> list[ChainLoraPlugin]:
+    return [plugin for plugin in PluginManager.get_instance().plugins.values() if isinstance(plugin, ChainLoraPlugin)]
+
+
+# ---------------------------------------------------------------- bad YAML: the chain keys
+
+
+@pytest.mark.parametrize(
+    ("overrides", "patterns"),
+    [
+        pytest.param(
+            {"adapter": "mtlora"},
+            [r"adapter: mtlora needs mtlora_structure", r"one of shim \| icfm \| ctcm \| dtsm"],
+            id="mtlora-without-structure",
+        ),
+        pytest.param(
+            {"adapter": "mtlora", "mtlora_structure": "foo"},
+            [r"\nmtlora_structure\n\s+Input should be 'shim', 'icfm', 'ctcm' or 'dtsm'"],
+            id="mtlora-structure-foo",
+        ),
+        pytest.param(
+            {"chain_init": "zeros"},
+            [r"\nchain_init\n\s+Input should be 'kaiming', 'identity' or 'orthogonal'"],
+            id="chain-init-zeros",
+        ),
+        pytest.param(
+            {"lora_r": DROP},
+            [r"adapter: linchain needs lora_r, a positive integer \(e\.g\. lora_r: 16\)"],
+            id="no-lora-r",
+        ),
+        pytest.param(
+            {"linchain_dims": [8, 16, 4]},
+            [r"linchain_dims=\[8, 16, 4\] must start and end with lora_r=8", r"e\.g\. \[8, 16, 8\]"],
+            id="dims-end-not-r",
+        ),
+        pytest.param(
+            {"linchain_dims": [4, 16, 8]},
+            [r"linchain_dims=\[4, 16, 8\] must start and end with lora_r=8", r"e\.g\. \[8, 16, 8\]"],
+            id="dims-start-not-r",
+        ),
+        pytest.param(
+            {"linchain_dims": [8, 0, 8]},
+            [r"linchain_dims=\[8, 0, 8\] must be a list of at least two positive integers", r"e\.g\. \[8, 8, 8, 8\]"],
+            id="dims-zero",
+        ),
+        pytest.param(
+            {"linchain_dims": [8, -2, 8]},
+            [r"linchain_dims=\[8, -2, 8\] must be a list of at least two positive integers", r"e\.g\. \[8, 8, 8, 8\]"],
+            id="dims-negative",
+        ),
+        pytest.param(
+            {"linchain_dims": [8]},
+            [r"linchain_dims=\[8\] must be a list of at least two positive integers", r"e\.g\. \[8, 8, 8, 8\]"],
+            id="dims-single",
+        ),
+        pytest.param(
+            {"linchain_dims": []},
+            [r"linchain_dims=\[\] must be a list of at least two positive integers"],
+            id="dims-empty",
+        ),
+        pytest.param(
+            {"linchain_dims": [8, 16, 8], "linchain_n": 3},
+            [r"linchain_n=3 but linchain_dims=\[8, 16, 8\] has 2 links", r"drop linchain_n or make them agree"],
+            id="n-disagrees-with-dims",
+        ),
+        pytest.param(
+            {"linchain_n": 0},
+            [r"\nlinchain_n\n\s+Input should be greater than or equal to 1"],
+            id="n-zero",
+        ),
+        pytest.param(
+            {"linchain_n": -1},
+            [r"\nlinchain_n\n\s+Input should be greater than or equal to 1"],
+            id="n-negative",
+        ),
+        pytest.param(
+            {"linchain_dims": [8, 16, 8], "lora_rank_pattern": {"q_proj": 4}},
+            [
+                r"linchain_dims fixes the rank of every layer and cannot be combined with lora_rank_pattern",
+                r"drop linchain_dims",
+            ],
+            id="dims-with-rank-pattern",
+        ),
+        pytest.param(
+            {"linchain_n": 2, "lora_rank_pattern": {"q_proj": 4}},
+            [r"linchain_n=2 cannot be combined with lora_rank_pattern", r"drop one of them"],
+            id="n-with-rank-pattern",
+        ),
+    ],
+)
+def test_bad_chain_keys_are_refused(tmp_path, base_yaml, overrides, patterns):
+    refused(tmp_path, base_yaml, patterns, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "patterns"),
+    [
+        pytest.param(
+            {"mtlora_structure": "icfm"},
+            [r"mtlora_structure is for adapter: mtlora, not adapter: linchain: remove mtlora_structure"],
+            id="mtlora_structure-with-linchain",
+        ),
+        pytest.param(
+            {"mtlora_fused_splits": {"q_proj": 2}},
+            [r"mtlora_fused_splits is for adapter: mtlora, not adapter: linchain: remove mtlora_fused_splits"],
+            id="mtlora_fused_splits-with-linchain",
+        ),
+        pytest.param(
+            {"adapter": "moslora", "linchain_dims": [8, 8]},
+            [r"linchain_dims is for adapter: linchain, not adapter: moslora: remove linchain_dims"],
+            id="linchain_dims-with-moslora",
+        ),
+        pytest.param(
+            {"adapter": "mtlora", "mtlora_structure": "shim", "linchain_n": 2},
+            [r"linchain_n is for adapter: linchain, not adapter: mtlora: remove linchain_n"],
+            id="linchain_n-with-mtlora",
+        ),
+        pytest.param(
+            {"adapter": "lora", "chain_init": "identity"},
+            [
+                r"chain_init is for adapter: linchain \| moslora \| mtlora, but adapter is 'lora'",
+                r"remove chain_init or set adapter",
+            ],
+            id="chain_init-with-lora",
+        ),
+        pytest.param(
+            {"adapter": "lora", "linchain_n": 2},
+            [r"linchain_n is for adapter: linchain, but adapter is 'lora': remove linchain_n or set adapter"],
+            id="linchain_n-with-lora",
+        ),
+        pytest.param(
+            {"adapter": "lora", "mtlora_structure": "shim"},
+            [r"mtlora_structure is for adapter: mtlora, but adapter is 'lora': remove mtlora_structure"],
+            id="mtlora_structure-with-lora",
+        ),
+        pytest.param(
+            {"adapter": "qlora", "load_in_4bit": True, "chain_export_lora": True},
+            [
+                r"chain_export_lora is for adapter: linchain \| moslora \| mtlora, but adapter is 'qlora'",
+                r"remove chain_export_lora or set adapter",
+            ],
+            id="chain_export_lora-with-qlora",
+        ),
+        pytest.param(
+            {"adapter": DROP, "linchain_dims": [8, 8]},
+            [r"linchain_dims is for adapter: linchain, but adapter is None: remove linchain_dims or set adapter"],
+            id="linchain_dims-without-adapter",
+        ),
+    ],
+)
+def test_keys_of_another_adapter_are_refused(tmp_path, base_yaml, overrides, patterns):
+    refused(tmp_path, base_yaml, patterns, **overrides)
+
+
+# ---------------------------------------------------------------- bad YAML: combinations
+
+
+def _combination_cases():
+    cases = [
+        ({"peft_use_dora": True}, [r"peft_use_dora cannot be used with adapter: {a}", r"Remove peft_use_dora\."]),
+        ({"relora": True}, [r"relora cannot be used with adapter: {a}", r"Remove relora\."]),
+        ({"gptq": True}, [r"gptq cannot be used with adapter: {a}", r"use load_in_4bit", r"Remove gptq\."]),
+        (
+            {"lora_target_parameters": ["mlp.experts.gate_up_proj"]},
+            [r"lora_target_parameters cannot be used with adapter: {a}", r"Remove lora_target_parameters\."],
+        ),
+        (
+            {"flash_attn_fuse_mlp": True},
+            [r"flash_attn_fuse_mlp cannot be used with adapter: {a}", r"Remove flash_attn_fuse_mlp\."],
+        ),
+        (
+            {"merge_method": "memory_efficient"},
+            [r"merge_method: memory_efficient .* would drop the core of adapter: {a}", r"use merge_method: legacy"],
+        ),
+        ({"load_in_4bit": True, "load_in_8bit": True}, [r"load_in_4bit and load_in_8bit are both set: choose one"]),
+        (
+            {"load_in_4bit": True, "model_kwargs": {"quantization_config": {"load_in_4bit": True}}},
+            [r"model_kwargs\.quantization_config is set together with load_in_4bit/load_in_8bit: keep one of them"],
+        ),
+        (
+            {"peft": {"loftq_config": {"loftq_bits": 4}}},
+            [r"peft\.loftq_config \(LoftQ init\) assumes LoRA without a core: remove it for adapter: {a}"],
+        ),
+    ]
+    for init in ("pissa", "olora"):
+        cases.append(
+            (
+                {"peft_init_lora_weights": init},
+                [rf"peft_init_lora_weights='{init}' .* adapter: {{a}}", r"use one of \(True, False, 'gaussian'\)"],
+            )
+        )
+    for kernel in KERNELS:
+        cases.append(
+            (
+                {kernel: True},
+                [
+                    rf"{kernel}: true computes plain LoRA \(B A x\) and would skip the core of adapter: {{a}}",
+                    rf"set {kernel}: false or remove it",
+                ],
+            )
+        )
+    for adapter, adapter_keys in ADAPTERS.items():
+        for overrides, patterns in cases:
+            key = "+".join(f"{k}={v}" if isinstance(v, str) else k for k, v in overrides.items())
+            yield pytest.param(
+                {**adapter_keys, **overrides}, [p.format(a=adapter) for p in patterns], id=f"{adapter}-{key}"
+            )
+
+
+@pytest.mark.parametrize(("overrides", "patterns"), list(_combination_cases()))
+def test_combinations_that_assume_no_core_are_refused(tmp_path, base_yaml, overrides, patterns):
+    refused(tmp_path, base_yaml, patterns, **overrides)
+
+
+# ---------------------------------------------------------------- mtlora_fused_splits and bools
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"mtlora_fused_splits": {"q_proj": 1}}, id="one-slice"),
+        pytest.param({"mtlora_fused_splits": {"q_proj": [4, 0]}}, id="zero-slice-size"),
+    ],
+)
+def test_bad_mtlora_fused_splits_are_refused(tmp_path, base_yaml, overrides):
+    overrides = {"adapter": "mtlora", "mtlora_structure": "shim", **overrides}
+    # what load_adapter would do later (so the YAML really is bad)
+    cfg_fields = {"chain_type": "mtlora_shim", "chain_fused_splits": overrides["mtlora_fused_splits"]}
+    with pytest.raises(ValueError, match="chain_fused_splits"):
+        ChainLoraConfig(r=R, target_modules=["q_proj"], **cfg_fields)
+    refused(tmp_path, base_yaml, [r"mtlora_fused_splits"], **overrides)
+
+
+def test_bool_in_linchain_dims_is_refused(tmp_path, base_yaml):
+    refused(tmp_path, base_yaml, [r"linchain_dims=\[8, True, 8\]"], linchain_dims=[8, True, 8])
+
+
+# ---------------------------------------------------------------- good YAML
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"adapter": "lora"}, id="lora"),
+        pytest.param({"adapter": "lora", "load_in_8bit": True}, id="lora-8bit"),
+        pytest.param({"adapter": "qlora", "load_in_4bit": True}, id="qlora"),
+        pytest.param(
+            {"adapter": "lora", "merge_method": "memory_efficient", "lora_mlp_kernel": True, "peft_use_dora": True},
+            id="lora-memory-efficient-dora",
+        ),
+    ],
+)
+def test_plain_lora_is_left_to_axolotl(tmp_path, base_yaml, monkeypatch, overrides):
+    """Our validator returns early: the cfg equals the one axolotl builds without this plugin."""
+    path = write_yaml(tmp_path, base_yaml, **overrides)
+    with_plugin = load_cfg(path)
+    assert PLUGIN in PluginManager.get_instance().plugins
+
+    # the same YAML in a process where this package's entry point is not installed
+    axolotl_plugins.get_builtin_plugins()  # fill the entry-point cache
+    monkeypatch.setattr(
+        axolotl_plugins,
+        "_plugin_entry_points",
+        tuple(name for name in axolotl_plugins._plugin_entry_points if name != PLUGIN),
+    )
+    monkeypatch.setattr(PluginManager, "_instance", None)
+    without_plugin = load_cfg(path)
+    assert PLUGIN not in PluginManager.get_instance().plugins
+
+    assert with_plugin.to_dict() == without_plugin.to_dict()
+    assert with_plugin.merge_method != "legacy" or overrides.get("merge_method") == "legacy"
+    assert not with_plugin.overrides_of_model_kwargs  # axolotl quantizes lora/qlora itself
+
+
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({}, id="defaults"),
+        pytest.param({**{k: False for k in KERNELS}, "merge_method": "legacy"}, id="explicit-false-and-legacy"),
+    ],
+)
+def test_chain_adapter_turns_kernels_off_and_merges_legacy(tmp_path, base_yaml, adapter, overrides):
+    cfg = load(tmp_path, base_yaml, **ADAPTERS[adapter], **overrides)
+    assert cfg.adapter == adapter
+    for kernel in KERNELS:
+        assert cfg[kernel] is False, kernel
+    assert cfg.merge_method == "legacy"
+    assert not cfg.overrides_of_model_kwargs and not cfg.load_in_4bit and not cfg.load_in_8bit
+
+
+def test_chain_keys_survive_validation(tmp_path, base_yaml):
+    """axolotl drops keys its schema does not know: ours must be in the merged schema."""
+    cfg = load(
+        tmp_path, base_yaml, linchain_dims=[8, 16, 8], linchain_n=2, chain_init="identity", chain_export_lora=True
+    )
+    assert (cfg.linchain_dims, cfg.linchain_n, cfg.chain_init, cfg.chain_export_lora) == (
+        [8, 16, 8],
+        2,
+        "identity",
+        True,
+    )
+    cfg = load(tmp_path, base_yaml, adapter="mtlora", mtlora_structure="dtsm", mtlora_fused_splits={"q_proj": [4, 4]})
+    assert (cfg.mtlora_structure, cfg.mtlora_fused_splits) == ("dtsm", {"q_proj": [4, 4]})
+
+
+def _nf4(dtype: str) -> dict:
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": dtype,
+        "bnb_4bit_quant_storage": dtype,
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "model_kwargs"),
+    [
+        pytest.param({"load_in_4bit": True}, {"quantization_config": _nf4("float32")}, id="4bit-fp32"),
+        pytest.param({"load_in_4bit": True, "bf16": True}, {"quantization_config": _nf4("bfloat16")}, id="4bit-bf16"),
+        pytest.param({"load_in_4bit": True, "fp16": True}, {"quantization_config": _nf4("float16")}, id="4bit-fp16"),
+        pytest.param(
+            {"load_in_8bit": True},
+            {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}},
+            id="8bit",
+        ),
+        pytest.param(
+            {
+                "load_in_4bit": True,
+                "model_kwargs": {"low_cpu_mem_usage": True},
+                "bnb_config_kwargs": {"bnb_4bit_use_double_quant": False},
+            },
+            {"low_cpu_mem_usage": True, "quantization_config": {**_nf4("float32"), "bnb_4bit_use_double_quant": False}},
+            id="4bit-with-model_kwargs-and-bnb_config_kwargs",
+        ),
+    ],
+)
+def test_quantized_chain_adapter_gets_a_bitsandbytes_config(tmp_path, base_yaml, overrides, model_kwargs):
+    cfg = load(tmp_path, base_yaml, adapter="moslora", **overrides)
+    # `model_kwargs` is an alias: axolotl's model loader reads cfg.overrides_of_model_kwargs
+    assert "model_kwargs" not in cfg
+    assert cfg.overrides_of_model_kwargs == model_kwargs
+    assert bool(cfg.load_in_4bit) == bool(overrides.get("load_in_4bit"))
+    assert bool(cfg.load_in_8bit) == bool(overrides.get("load_in_8bit"))
+    # what from_pretrained makes of the dict
+    quantization = BitsAndBytesConfig.from_dict(dict(cfg.overrides_of_model_kwargs["quantization_config"]))
+    assert quantization.load_in_4bit == bool(overrides.get("load_in_4bit"))
+    assert quantization.load_in_8bit == bool(overrides.get("load_in_8bit"))
+    if quantization.load_in_4bit:
+        assert quantization.bnb_4bit_quant_type == "nf4"
+        # the compute dtype is the dtype axolotl trains in
+        assert quantization.bnb_4bit_compute_dtype == cfg.torch_dtype
+
+
+def test_bf16_auto_compute_dtype_follows_axolotl(tmp_path, base_yaml):
+    cfg = load(tmp_path, base_yaml, adapter="moslora", load_in_4bit=True, bf16="auto")
+    compute = cfg.overrides_of_model_kwargs["quantization_config"]["bnb_4bit_compute_dtype"]
+    assert getattr(torch, compute) == cfg.torch_dtype
+
+
+def _revalidate_on_ray_worker(cfg: DictDefault) -> DictDefault:
+    """What axolotl.cli.train.ray_train_func does with the driver's validated cfg on each worker."""
+    worker_cfg = DictDefault(cfg.to_dict())
+    PluginManager._instance = None  # a fresh worker process (the fixture restores the real one)
+    prepare_plugins(worker_cfg)
+    capabilities, env_capabilities = gpu_capabilities()
+    return validate_config(worker_cfg, capabilities=capabilities, env_capabilities=env_capabilities)
+
+
+def test_validated_chain_cfg_revalidates_on_a_ray_worker(tmp_path, base_yaml):
+    cfg = load(tmp_path, base_yaml, use_ray=True, linchain_n=2)
+    again = _revalidate_on_ray_worker(cfg)
+    assert (again.adapter, again.linchain_n, again.merge_method) == ("linchain", 2, "legacy")
+    assert all(again[kernel] is False for kernel in KERNELS)
+
+
+@pytest.mark.parametrize("bits", ["load_in_4bit", "load_in_8bit"])
+def test_quantized_chain_cfg_revalidates_on_a_ray_worker(tmp_path, base_yaml, bits):
+    cfg = load(tmp_path, base_yaml, adapter="moslora", use_ray=True, **{bits: True})
+    again = _revalidate_on_ray_worker(cfg)
+    assert again.overrides_of_model_kwargs == cfg.overrides_of_model_kwargs
+
+
+# ---------------------------------------------------------------- validated cfg -> ChainLoraConfig
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fields"),
+    [
+        pytest.param({}, {"chain_type": "linchain", "chain_init": "kaiming"}, id="linchain-default"),
+        pytest.param(
+            {"linchain_n": 2}, {"chain_type": "linchain", "chain_init": "kaiming", "chain_dims": [R] * 3}, id="n2"
+        ),
+        pytest.param(
+            {"linchain_n": 3, "lora_rank_pattern": {"q_proj": 4}},
+            {"chain_type": "linchain", "chain_init": "kaiming"},
+            id="n3-with-rank-pattern",
+        ),
+        pytest.param(
+            {"linchain_dims": [8, 16, 8]},
+            {"chain_type": "linchain", "chain_init": "kaiming", "chain_dims": [8, 16, 8]},
+            id="dims",
+        ),
+        pytest.param(
+            {"linchain_dims": [8, 16, 4, 8], "linchain_n": 3, "chain_init": "orthogonal"},
+            {"chain_type": "linchain", "chain_init": "orthogonal", "chain_dims": [8, 16, 4, 8]},
+            id="dims-and-n-agree",
+        ),
+        pytest.param(
+            {"adapter": "moslora", "chain_init": "identity"},
+            {"chain_type": "moslora", "chain_init": "identity"},
+            id="moslora-identity",
+        ),
+        pytest.param(
+            {"adapter": "mtlora", "mtlora_structure": "icfm"},
+            {"chain_type": "mtlora_icfm", "chain_init": "kaiming"},
+            id="mtlora-icfm",
+        ),
+        pytest.param(
+            {"adapter": "mtlora", "mtlora_structure": "ctcm", "chain_init": "identity"},
+            {"chain_type": "mtlora_ctcm", "chain_init": "identity"},
+            id="mtlora-ctcm-identity",
+        ),
+        pytest.param(
+            {"adapter": "mtlora", "mtlora_structure": "shim", "mtlora_fused_splits": {"q_proj": 2}},
+            {"chain_type": "mtlora_shim", "chain_init": "kaiming", "chain_fused_splits": {"q_proj": 2}},
+            id="mtlora-shim-fused",
+        ),
+    ],
+)
+def test_chain_config_fields_of_a_validated_cfg(tmp_path, base_yaml, overrides, fields):
+    cfg = load(tmp_path, base_yaml, **overrides)
+    assert chain_config_fields(cfg) == fields
+    config = ChainLoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        rank_pattern=dict(cfg.lora_rank_pattern or {}),
+        **chain_config_fields(cfg),
+    )
+    for name, value in fields.items():
+        assert getattr(config, name) == value, name
+
+
+# ---------------------------------------------------------------- plugin discovery
+
+
+def test_plugin_is_found_without_a_plugins_line(tmp_path, base_yaml):
+    assert PLUGIN in axolotl_plugins.get_builtin_plugins()  # the axolotl.plugins entry point
+    cfg = load(tmp_path, base_yaml, linchain_n=2)
+    assert "plugins" not in cfg
+    assert PLUGIN in PluginManager.get_instance().plugins
+    assert len(chain_plugins()) == 1
+    assert (cfg.adapter, cfg.linchain_n) == ("linchain", 2)
+
+
+@pytest.mark.parametrize(
+    "plugins",
+    [
+        pytest.param([PLUGIN], id="dotted"),
+        pytest.param(["axolotl_chainlora:ChainLoraPlugin"], id="entry-point-form"),
+        pytest.param([PLUGIN, "axolotl_chainlora:ChainLoraPlugin"], id="both"),
+    ],
+)
+def test_plugins_line_does_not_register_twice(tmp_path, base_yaml, plugins):
+    for _ in range(2):  # and a second config in the same process
+        cfg = load(tmp_path, base_yaml, plugins=plugins, linchain_n=2)
+        assert cfg.linchain_n == 2
+        assert len(chain_plugins()) == 1
+        assert [name for name in PluginManager.get_instance().plugins if "chainlora" in name] == [PLUGIN]
+
+
+def test_shipped_demo_config_validates(demo_dir, monkeypatch):
+    monkeypatch.chdir(demo_dir)  # its paths are relative to the YAML's folder
+    cfg = load_cfg("config.yml")
+    assert (cfg.adapter, cfg.lora_r, cfg.chain_export_lora, cfg.merge_method) == ("linchain", R, True, "legacy")
+    assert all(cfg[kernel] is False for kernel in KERNELS)
+    assert len(chain_plugins()) == 1
+    assert chain_config_fields(cfg) == {"chain_type": "linchain", "chain_init": "kaiming"}

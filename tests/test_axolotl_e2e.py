@@ -1,0 +1,487 @@
+"""End to end through the real `axolotl` CLI: train, reload, merge-lora, fold export and refusals.
+
+One workspace per module (the demo's tiny random Llama, its tokenizer and alpaca data, built
+offline by `prepare_demo`); every run writes its own YAML variant of the demo config and its own
+output_dir. The expected values come from outside the code under test: the base model's own
+loss, float64 matrix products written out here from the papers' formulas, transformers'
+loading of the merged model, and plain PEFT in a process that never imports this package.
+
+Runtime on a 2-core CPU: about 4 minutes; independent axolotl runs go two at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+import axolotl_chainlora  # noqa: F401  registers LORA_CHAIN with PEFT
+from axolotl_chainlora.bnb import Linear4bit as ChainLinear4bit
+from axolotl_chainlora.demo import alpaca_text, demo_records, mean_response_loss, prepare_demo, run_axolotl
+
+PLUGIN = "axolotl_chainlora.ChainLoraPlugin"
+TRAIN_STEPS = 20
+# the demo YAML: lora_target_linear on a 2-layer Llama
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+ADAPTED_MODULES = {f"base_model.model.model.layers.{i}.{p}" for i in range(2) for p in PROJECTIONS}
+
+# run name -> YAML changes on top of the demo config
+RUNS = {
+    "linchain": {"adapter": "linchain", "linchain_dims": [8, 16, 8]},
+    "moslora": {"adapter": "moslora"},
+    "mtlora": {"adapter": "mtlora", "mtlora_structure": "ctcm"},
+    # no linchain_dims/linchain_n: the documented default LinChain-3-r (three r x r links)
+    "linchain-4bit": {"adapter": "linchain", "load_in_4bit": True},
+}
+CHAIN_TYPE = {"linchain": "linchain", "moslora": "moslora", "mtlora": "mtlora_ctcm", "linchain-4bit": "linchain"}
+# shapes of the core factors in the adapter file, in the order weight, weight_1, ... (r = 8)
+CORE_SHAPES = {
+    "linchain": [(8, 16), (16, 8)],
+    "moslora": [(8, 8)],
+    "mtlora": [(8, 8), (8, 8)],
+    "linchain-4bit": [(8, 8), (8, 8), (8, 8)],
+}
+FLOAT_RUNS = [name for name, changes in RUNS.items() if not changes.get("load_in_4bit")]
+MAX_LOGIT_DIFF = 1e-5
+MIN_LOSS_DROP = 0.2  # measured drop after 20 steps: about 0.48 for every run
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def write_config(workspace: Path, name: str, **changes) -> str:
+    """A YAML variant of the demo config with its own output_dir; a value of None removes the key."""
+    cfg = yaml.safe_load((workspace / "config.yml").read_text())
+    assert cfg["plugins"] == [PLUGIN]
+    cfg.update(
+        output_dir=f"./out-{name}",
+        # runs go two at a time: each prepares its dataset in its own folder
+        dataset_prepared_path=f"./prepared-{name}",
+        max_steps=TRAIN_STEPS,
+        logging_steps=1,
+    )
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    path = workspace / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path.name
+
+
+def run_all(workspace: Path, jobs: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
+    """Run axolotl commands two at a time (2 CPU cores); job name -> CLI args, log at <name>.log."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_axolotl, args, workspace, f"{name}.log") for name, args in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def output_of(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
+
+
+def require_success(result: subprocess.CompletedProcess, what: str) -> None:
+    assert result.returncode == 0, f"{what} failed (exit {result.returncode}):\n{output_of(result)[-4000:]}"
+
+
+def logged_losses(log: str) -> list[float]:
+    """The per-step training losses of the HF Trainer log ({'loss': '6.082', ...})."""
+    return [float(value) for value in re.findall(r"\{'loss': '([0-9.]+)'", log)]
+
+
+def trainable_params_line(log: str) -> str:
+    lines = [line for line in log.splitlines() if line.startswith("trainable params:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def load_base(workspace: Path, quantized: bool = False):
+    kwargs = {}
+    if quantized:
+        # written here, not taken from the plugin: NF4 with double quant, float32 compute
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_storage=torch.float32,
+        )
+    return AutoModelForCausalLM.from_pretrained(workspace / "base", dtype=torch.float32, **kwargs).eval()
+
+
+def load_chain(workspace: Path, name: str, quantized: bool = False) -> PeftModel:
+    return PeftModel.from_pretrained(load_base(workspace, quantized), workspace / f"out-{name}").eval()
+
+
+@torch.no_grad()
+def logits_of(model, probe: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**probe).logits.float()
+
+
+def core_factors(tensors: dict[str, torch.Tensor], module: str) -> list[torch.Tensor]:
+    """The core tensors of one module, ordered weight, weight_1, weight_2, ..."""
+    prefix = f"{module}.lora_core."
+    names = sorted((key[len(prefix) :] for key in tensors if key.startswith(prefix)),
+                   key=lambda n: 0 if n == "weight" else int(n.removeprefix("weight_")))  # fmt: skip
+    return [tensors[prefix + n] for n in names]
+
+
+def reference_T(chain_type: str, factors: list[torch.Tensor]) -> torch.Tensor:
+    """T from the papers, float64: LinChain W1 @ W2 @ ... @ Wn, MoSLoRA M, MTLoRA-CTCM C @ D."""
+    factors = [f.double() for f in factors]
+    if chain_type == "linchain":
+        T = factors[0]
+        for link in factors[1:]:
+            T = T @ link
+        return T
+    if chain_type == "moslora":
+        (M,) = factors
+        return M
+    if chain_type == "mtlora_ctcm":
+        C, D = factors
+        return C @ D
+    raise AssertionError(chain_type)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("axolotl-e2e")
+    prepare_demo(path)
+    with pytest.MonkeyPatch.context() as patch:
+        # the runs tokenize into their own datasets cache: none shared with ~/.cache or other sessions
+        patch.setenv("HF_DATASETS_CACHE", str(path / "hf-datasets-cache"))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def trained(workspace) -> dict[str, subprocess.CompletedProcess]:
+    """`axolotl train` for every run of RUNS (20 steps each)."""
+    configs = {name: write_config(workspace, name, **changes) for name, changes in RUNS.items()}
+    # the 4-bit run is the slowest: start it first
+    order = ["linchain-4bit", *FLOAT_RUNS]
+    return run_all(workspace, {f"train-{name}": ["train", configs[name]] for name in order})
+
+
+def trained_run(trained, name: str) -> subprocess.CompletedProcess:
+    result = trained[f"train-{name}"]
+    require_success(result, f"axolotl train ({name})")
+    return result
+
+
+@pytest.fixture(scope="module")
+def probe(workspace) -> dict[str, torch.Tensor]:
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "base")
+    texts = [alpaca_text(record) for record in demo_records(count=4, seed=7)]
+    return dict(tokenizer(texts, return_tensors="pt", padding=True))
+
+
+@pytest.fixture(scope="module")
+def base_logits(workspace, probe) -> torch.Tensor:
+    return logits_of(load_base(workspace), probe)
+
+
+@pytest.fixture(scope="module")
+def chain_logits(workspace, trained, probe, base_logits) -> dict[str, torch.Tensor]:
+    """Logits of every trained chain adapter on the UNQUANTIZED float32 base."""
+    logits = {}
+    for name in RUNS:
+        trained_run(trained, name)
+        logits[name] = logits_of(load_chain(workspace, name), probe)
+        # a trained adapter moves the logits: equality with it below is not equality with the base
+        assert (logits[name] - base_logits).abs().max().item() > 1e-2, name
+    return logits
+
+
+# ---------------------------------------------------------------- 1. training
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_train_saves_a_chain_adapter_that_lowers_the_loss(workspace, trained, name):
+    result = trained_run(trained, name)
+    losses = logged_losses(output_of(result))
+    assert len(losses) == TRAIN_STEPS, losses
+    out = workspace / f"out-{name}"
+
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA_CHAIN"
+    assert saved["chain_type"] == CHAIN_TYPE[name]
+    assert saved["chain_dims"] == RUNS[name].get("linchain_dims")
+    assert (saved["r"], saved["lora_alpha"]) == (8, 16)
+
+    tensors = load_file(out / "adapter_model.safetensors")
+    modules = {key.split(".lora_")[0] for key in tensors}
+    assert modules == ADAPTED_MODULES  # 7 projections x 2 layers, nothing else
+    for module in ADAPTED_MODULES:
+        assert [tuple(f.shape) for f in core_factors(tensors, module)] == CORE_SHAPES[name], module
+        assert tensors[f"{module}.lora_B.weight"].abs().max() > 0  # B starts at zero: it was trained
+
+    # the loss of the model it was trained on: NF4 base for the 4-bit run
+    quantized = bool(RUNS[name].get("load_in_4bit"))
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "base")
+    records = demo_records()[:32]
+    base_loss = mean_response_loss(load_base(workspace, quantized), tokenizer, records)
+    trained_loss = mean_response_loss(load_chain(workspace, name, quantized), tokenizer, records)
+    print(f"{name}: response loss base {base_loss:.4f} -> trained {trained_loss:.4f}")
+    assert trained_loss < base_loss - MIN_LOSS_DROP
+
+
+def test_4bit_run_trained_on_an_nf4_base(workspace, trained):
+    """What is checked: axolotl saves the loaded model's config beside the adapter ("Pre-saving model
+    config" in the log); transformers puts a quantization_config in it only when its bitsandbytes
+    quantizer loaded the model. The float run's saved config has none. The train log itself shows
+    only the cfg dump (model_kwargs.quantization_config, what the plugin asked for), so it is not used. (The plugin also refuses to train when no bnb Linear4bit
+    layer is present, but that is the code under test.) Then the adapter reloads onto an NF4
+    base as the chain's 4-bit layer."""
+    trained_run(trained, "linchain-4bit")
+    trained_run(trained, "linchain")
+    model_config = json.loads((workspace / "out-linchain-4bit" / "config.json").read_text())
+    quantization = model_config.get("quantization_config")
+    assert quantization, "the 4-bit run's trained model has no quantization_config"
+    assert quantization["quant_method"] == "bitsandbytes"
+    assert quantization["load_in_4bit"] is True and quantization["bnb_4bit_quant_type"] == "nf4"
+    assert "quantization_config" not in json.loads((workspace / "out-linchain" / "config.json").read_text())
+    # that config.json is the one this run wrote from its loaded model, before training
+    assert "Pre-saving model config to ./out-linchain-4bit" in output_of(trained["train-linchain-4bit"])
+
+    import bitsandbytes as bnb
+
+    model = load_chain(workspace, "linchain-4bit", quantized=True)
+    adapted = {name: module for name, module in model.named_modules() if name in ADAPTED_MODULES}
+    assert len(adapted) == len(ADAPTED_MODULES)
+    for name, module in adapted.items():
+        assert isinstance(module, ChainLinear4bit), (name, type(module))
+        assert isinstance(module.get_base_layer(), bnb.nn.Linear4bit), name
+
+
+# ---------------------------------------------------------------- 2. reload
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_reload_is_deterministic_and_matches_float64_reference(workspace, trained, probe, name):
+    trained_run(trained, name)
+    first, second = load_chain(workspace, name), load_chain(workspace, name)
+    assert torch.equal(logits_of(first, probe), logits_of(second, probe))
+
+    # one layer, recomputed from the files: y = W0 x + s * B @ T @ A @ x in float64
+    module = "base_model.model.model.layers.1.mlp.down_proj"
+    tensors = load_file(workspace / f"out-{name}" / "adapter_model.safetensors")
+    A = tensors[f"{module}.lora_A.weight"].double()
+    B = tensors[f"{module}.lora_B.weight"].double()
+    T = reference_T(CHAIN_TYPE[name], core_factors(tensors, module))
+    config = yaml.safe_load((workspace / f"{name}.yml").read_text())
+    s = config["lora_alpha"] / config["lora_r"]
+    base = AutoModelForCausalLM.from_pretrained(workspace / "base", dtype=torch.float32)
+    W0 = base.model.layers[1].mlp.down_proj.weight.double()
+
+    x = torch.randn(3, 5, W0.shape[1], generator=torch.Generator().manual_seed(0))
+    expected = x.double() @ W0.T + s * x.double() @ (B @ T @ A).T
+    layer = first.get_submodule(module)
+    with torch.no_grad():
+        got = layer(x)
+    diff = (got.double() - expected).abs().max().item()
+    print(f"{name}: reloaded layer vs float64 reference: max abs diff {diff:.2e}")
+    assert diff <= 1e-5
+    # the core matters: plain LoRA (T = I) on the same A and B is far off
+    without_core = x.double() @ W0.T + s * x.double() @ (B @ A).T
+    assert (without_core - expected).abs().max().item() > 1e-3
+
+
+# ---------------------------------------------------------------- 3. merge-lora (and 5. its refusal)
+
+
+@pytest.fixture(scope="module")
+def merges(workspace, trained) -> dict[str, subprocess.CompletedProcess]:
+    for name in RUNS:
+        trained_run(trained, name)
+    jobs = {f"merge-{name}": ["merge-lora", f"{name}.yml"] for name in RUNS}
+    # the refusal of test 5, on a copy of the linchain adapter so that a merged/ there would be its own
+    shutil.copytree(workspace / "out-linchain", workspace / "out-memeff", ignore=shutil.ignore_patterns("merged"))
+    memeff = write_config(workspace, "memeff", **RUNS["linchain"], merge_method="memory_efficient")
+    jobs["merge-memeff"] = ["merge-lora", memeff]
+    return run_all(workspace, jobs)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_merge_lora_gives_the_adapter_logits(workspace, merges, chain_logits, probe, name):
+    require_success(merges[f"merge-{name}"], f"axolotl merge-lora ({name})")
+    merged_dir = workspace / f"out-{name}" / "merged"
+    merged_config = json.loads((merged_dir / "config.json").read_text())
+    # merge-lora loads the base unquantized, also for the 4-bit run: the merged model is plain float
+    assert "quantization_config" not in merged_config
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert not any(".lora_" in key for key in merged.state_dict())
+    # chain_logits: the adapter applied to the unquantized float32 base
+    diff = (logits_of(merged, probe) - chain_logits[name]).abs().max().item()
+    print(f"{name}: merged vs adapter logits: max abs diff {diff:.2e}")
+    assert diff <= MAX_LOGIT_DIFF
+
+
+def test_merge_lora_refuses_memory_efficient_merge(workspace, merges):
+    result = merges["merge-memeff"]
+    assert result.returncode != 0
+    assert "merge_method: memory_efficient" in output_of(result)
+    assert not (workspace / "out-memeff" / "merged").exists()
+
+
+# ---------------------------------------------------------------- 4. plain-LoRA fold in plain PEFT
+
+PLAIN_PEFT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    workspace, names = sys.argv[1], json.loads(sys.argv[2])
+    probe = torch.load(f"{workspace}/probe.pt")
+    logits = {}
+    for name in names:
+        base = AutoModelForCausalLM.from_pretrained(f"{workspace}/base", dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, f"{workspace}/out-{name}/plain_lora").eval()
+        assert type(model.peft_config["default"]) is LoraConfig, type(model.peft_config["default"])
+        with torch.no_grad():
+            logits[name] = model(**probe).logits.float()
+    torch.save(logits, f"{workspace}/plain_logits.pt")
+    print("chainlora modules loaded:", sorted(m for m in sys.modules if m.startswith("axolotl_chainlora")))
+    assert not any(m.startswith("axolotl_chainlora") for m in sys.modules), "axolotl_chainlora was imported"
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def plain_peft_logits(workspace, trained, probe) -> dict[str, torch.Tensor]:
+    for name in RUNS:
+        trained_run(trained, name)
+    torch.save(probe, workspace / "probe.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN_PEFT_SCRIPT, str(workspace), json.dumps(list(RUNS))],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, output_of(result)[-4000:]
+    assert "chainlora modules loaded: []" in result.stdout
+    return torch.load(workspace / "plain_logits.pt")
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_plain_lora_fold_loads_in_plain_peft_with_the_chain_logits(
+    workspace, trained, plain_peft_logits, chain_logits, name
+):
+    fold = workspace / f"out-{name}" / "plain_lora"
+    fold_config = json.loads((fold / "adapter_config.json").read_text())
+    assert fold_config["peft_type"] == "LORA"
+    assert not any("chain" in key for key in fold_config)
+    assert not any(".lora_core." in key for key in load_file(fold / "adapter_model.safetensors"))
+    diff = (plain_peft_logits[name] - chain_logits[name]).abs().max().item()
+    print(f"{name}: plain-PEFT fold vs chain adapter logits: max abs diff {diff:.2e}")
+    assert diff <= MAX_LOGIT_DIFF
+
+
+# ---------------------------------------------------------------- 6. bad configs fail before loading a model
+
+BAD_CONFIGS = {
+    "no-structure": ({"adapter": "mtlora"}, "mtlora_structure"),
+    "bad-dims": ({"adapter": "linchain", "linchain_dims": [8, 16, 4]}, "linchain_dims"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(workspace) -> dict[str, subprocess.CompletedProcess]:
+    jobs = {
+        f"train-{name}": ["train", write_config(workspace, name, **changes)]
+        for name, (changes, _) in BAD_CONFIGS.items()
+    }
+    return run_all(workspace, jobs)
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_bad_config_fails_before_any_model_is_loaded(workspace, bad_config_runs, name):
+    result = bad_config_runs[f"train-{name}"]
+    output = output_of(result)
+    key = BAD_CONFIGS[name][1]
+    assert result.returncode != 0
+    assert re.search(rf"Value error, .*{key}", output), output[-3000:]
+    assert not (workspace / f"out-{name}").exists()
+    # signs of a loaded model in a training log: weight loading, the target scan, the PEFT summary
+    for sign in ("Loading weights", "found linear modules", "trainable params"):
+        assert sign not in output, sign
+
+
+# ---------------------------------------------------------------- 7. lora_model_dir
+
+
+@pytest.fixture(scope="module")
+def lora_model_dir_runs(workspace, trained) -> dict[str, subprocess.CompletedProcess]:
+    trained_run(trained, "linchain")
+    resume = write_config(
+        workspace, "resume", **RUNS["linchain"], lora_model_dir="./out-linchain", max_steps=5, learning_rate=0.0
+    )
+    from_plain = write_config(
+        workspace, "from-plain", **RUNS["linchain"], lora_model_dir="./out-linchain/plain_lora", max_steps=5
+    )
+    return run_all(workspace, {"train-resume": ["train", resume], "train-from-plain": ["train", from_plain]})
+
+
+def test_training_from_lora_model_dir_starts_at_the_saved_adapter(workspace, trained, lora_model_dir_runs):
+    """learning_rate 0.0 (AdamW without weight decay then changes nothing), so the adapter this run saves
+    is the one it started from: it must equal the saved adapter bit for bit. A fresh adapter (B = 0,
+    new random A and core) could not. The loaded adapter is trainable (same trainable-params line as the
+    fresh run), and the first logged loss, taken before any update, is the trained adapter's: well
+    below the fresh run's first loss, which is the base model's (B = 0)."""
+    result = lora_model_dir_runs["train-resume"]
+    require_success(result, "axolotl train with lora_model_dir")
+    fresh = trained_run(trained, "linchain")
+
+    saved = load_file(workspace / "out-linchain" / "adapter_model.safetensors")
+    resumed = load_file(workspace / "out-resume" / "adapter_model.safetensors")
+    assert saved.keys() == resumed.keys()
+    for key in saved:
+        assert torch.equal(saved[key], resumed[key]), key
+    assert json.loads((workspace / "out-resume" / "adapter_config.json").read_text())["peft_type"] == "LORA_CHAIN"
+
+    assert trainable_params_line(output_of(result)) == trainable_params_line(output_of(fresh))
+    resumed_losses, fresh_losses = logged_losses(output_of(result)), logged_losses(output_of(fresh))
+    assert len(resumed_losses) == 5
+    print(f"first logged loss: fresh {fresh_losses[0]}, from lora_model_dir {resumed_losses[0]}")
+    assert resumed_losses[0] < fresh_losses[0] - MIN_LOSS_DROP
+
+
+def test_lora_model_dir_with_a_plain_lora_adapter_is_refused(lora_model_dir_runs):
+    result = lora_model_dir_runs["train-from-plain"]
+    output = output_of(result)
+    assert result.returncode != 0
+    assert "lora_model_dir=./out-linchain/plain_lora holds a LoraConfig adapter, not adapter: linchain" in output, (
+        output[-3000:]
+    )
+
+
+def test_axolotl_inference_generates_with_the_trained_adapter(workspace, trained):
+    trained_run(trained, "linchain")
+    prompt = alpaca_text({"instruction": "Add 3 and 4.", "input": "", "output": ""})
+    result = run_axolotl(
+        ["inference", "linchain.yml", "--lora-model-dir", "./out-linchain"], workspace, "inference.log", stdin=prompt
+    )
+    require_success(result, "axolotl inference")
+    output = output_of(result)
+    # the chain adapter was loaded by the plugin (the trainable-parameter count includes the cores)
+    assert trainable_params_line(output) == trainable_params_line(output_of(trained["train-linchain"]))
+    # and a completion came back right after the prompt
+    assert re.search(r"### Response:[^\n]+", output), output[-2000:]
