@@ -79,6 +79,15 @@ def reference_core(chain_type: str, factors: list[torch.Tensor]) -> torch.Tensor
     raise AssertionError(chain_type)
 
 
+def saved_core_factors(tensors: dict[str, torch.Tensor], module_key: str) -> list[torch.Tensor]:
+    """One module's core tensors from a saved adapter file, in float64, ordered weight, weight_1, weight_2, ..."""
+    prefix = f"{module_key}.lora_core."
+    names = [key[len(prefix) :] for key in tensors if key.startswith(prefix)]
+    expected = ["weight"] + [f"weight_{i}" for i in range(1, len(names))]
+    assert sorted(names) == sorted(expected), names
+    return [tensors[prefix + name].double() for name in expected]
+
+
 def randomize_adapters(model: torch.nn.Module, seed: int = 3) -> None:
     """Give every adapter tensor (B included) non-zero values, so outputs really depend on them."""
     generator = torch.Generator().manual_seed(seed)

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import reference_core, saved_core_factors
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -132,31 +133,6 @@ def logits_of(model, probe: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**probe).logits.float()
 
 
-def core_factors(tensors: dict[str, torch.Tensor], module: str) -> list[torch.Tensor]:
-    """The core tensors of one module, ordered weight, weight_1, weight_2, ..."""
-    prefix = f"{module}.lora_core."
-    names = sorted((key[len(prefix) :] for key in tensors if key.startswith(prefix)),
-                   key=lambda n: 0 if n == "weight" else int(n.removeprefix("weight_")))  # fmt: skip
-    return [tensors[prefix + n] for n in names]
-
-
-def reference_T(chain_type: str, factors: list[torch.Tensor]) -> torch.Tensor:
-    """T from the papers, float64: LinChain W1 @ W2 @ ... @ Wn, MoSLoRA M, MTLoRA-CTCM C @ D."""
-    factors = [f.double() for f in factors]
-    if chain_type == "linchain":
-        T = factors[0]
-        for link in factors[1:]:
-            T = T @ link
-        return T
-    if chain_type == "moslora":
-        (M,) = factors
-        return M
-    if chain_type == "mtlora_ctcm":
-        C, D = factors
-        return C @ D
-    raise AssertionError(chain_type)
-
-
 # ---------------------------------------------------------------- fixtures
 
 
@@ -229,7 +205,7 @@ def test_train_saves_a_chain_adapter_that_lowers_the_loss(workspace, trained, na
     modules = {key.split(".lora_")[0] for key in tensors}
     assert modules == ADAPTED_MODULES  # 7 projections x 2 layers, nothing else
     for module in ADAPTED_MODULES:
-        assert [tuple(f.shape) for f in core_factors(tensors, module)] == CORE_SHAPES[name], module
+        assert [tuple(f.shape) for f in saved_core_factors(tensors, module)] == CORE_SHAPES[name], module
         assert tensors[f"{module}.lora_B.weight"].abs().max() > 0  # B starts at zero: it was trained
 
     # the loss of the model it was trained on: NF4 base for the 4-bit run
@@ -284,7 +260,7 @@ def test_reload_is_deterministic_and_matches_float64_reference(workspace, traine
     tensors = load_file(workspace / f"out-{name}" / "adapter_model.safetensors")
     A = tensors[f"{module}.lora_A.weight"].double()
     B = tensors[f"{module}.lora_B.weight"].double()
-    T = reference_T(CHAIN_TYPE[name], core_factors(tensors, module))
+    T = reference_core(CHAIN_TYPE[name], saved_core_factors(tensors, module))
     config = yaml.safe_load((workspace / f"{name}.yml").read_text())
     s = config["lora_alpha"] / config["lora_r"]
     base = AutoModelForCausalLM.from_pretrained(workspace / "base", dtype=torch.float32)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, randomize_adapters, reference_core
+from conftest import VOCAB, randomize_adapters, reference_core, saved_core_factors
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -105,14 +105,6 @@ def tail(result: subprocess.CompletedProcess, chars: int = 3000) -> str:
 
 
 # --- independent math ---------------------------------------------------------------------------
-
-
-def core_factors(tensors: dict[str, torch.Tensor], module_key: str) -> list[torch.Tensor]:
-    """lora_core.weight, lora_core.weight_1, ... of one module, in float64 and in order."""
-    prefix = f"{module_key}.lora_core."
-    names = sorted((k[len(prefix) :] for k in tensors if k.startswith(prefix)), key=lambda n: (n != "weight", n))
-    assert names == ["weight"] + [f"weight_{i}" for i in range(1, len(names))], names
-    return [tensors[prefix + name].double() for name in names]
 
 
 EXPECTED_FACTOR_SHAPES = {
@@ -242,7 +234,7 @@ def test_folded_A_is_core_times_A(chain_type, llama_chains):
     module_keys = sorted({key.split(".lora_core.")[0] for key in saved if ".lora_core." in key})
     assert len(module_keys) == 6 and Q_PROJ_0 in module_keys
     for module_key in module_keys:
-        factors = core_factors(saved, module_key)
+        factors = saved_core_factors(saved, module_key)
         assert [tuple(f.shape) for f in factors] == EXPECTED_FACTOR_SHAPES[chain_type]
         T = reference_core(chain_type, factors)
         A = saved[f"{module_key}.lora_A.weight"].double()
@@ -307,7 +299,7 @@ def test_fused_gpt2_icfm_fold_and_reference(tiny_gpt2_dir, tmp_path, input_ids):
     key = "base_model.model.transformer.h.0.attn.c_attn"
     A = saved[f"{key}.lora_A.weight"].double()
     B = saved[f"{key}.lora_B.weight"].double()
-    (C,) = core_factors(saved, key)
+    (C,) = saved_core_factors(saved, key)
     assert A.shape == (3 * R, 32) and B.shape == (96, R) and C.shape == (3 * R, 3 * R)
     B_q, B_k, B_v = B.split(32, dim=0)
     W, bias = base.transformer.h[0].attn.c_attn.weight.double(), base.transformer.h[0].attn.c_attn.bias.double()
@@ -506,7 +498,7 @@ def test_merge_to_full_model_linchain(llama_chains, tiny_llama_dir, tmp_path, in
 
     # the merged q_proj of layer 0 is W0 + s * B W1 W2 A, computed here in float64
     saved = load_file(str(chain.adapter_dir / WEIGHTS))
-    W1, W2 = core_factors(saved, Q_PROJ_0)
+    W1, W2 = saved_core_factors(saved, Q_PROJ_0)
     A = saved[f"{Q_PROJ_0}.lora_A.weight"].double()
     B = saved[f"{Q_PROJ_0}.lora_B.weight"].double()
     W0 = load_file(str(Path(tiny_llama_dir) / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"].double()
