@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import TrainerCallback, set_seed
 
 from .args import CHAIN_ADAPTERS, chain_config_fields
@@ -35,8 +35,9 @@ class ChainLoraPlugin(BasePlugin):
 
     def __init__(self):
         super().__init__()
-        # the saved adapter file as it was when training ended (None: absent), or no training yet
-        self._adapter_at_train_end: tuple | None | bool = False
+        self._training_ended = False
+        # the saved adapter file as it was when training ended (None: absent)
+        self._adapter_file_at_train_end: tuple | None = None
 
     def get_input_args(self) -> str:
         return "axolotl_chainlora.args.ChainLoraArgs"
@@ -70,8 +71,8 @@ class ChainLoraPlugin(BasePlugin):
         if cfg.peft_autocast_adapter_dtype is not None:
             peft_kwargs["autocast_adapter_dtype"] = cfg.peft_autocast_adapter_dtype
         if cfg.lora_model_dir:
+            _require_same_chain(cfg, config, PeftConfig.from_pretrained(cfg.lora_model_dir))
             model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=not inference, **peft_kwargs)
-            _require_same_chain(cfg, config, model.peft_config["default"])
         else:
             if cfg.seed is not None:
                 set_seed(cfg.seed)
@@ -87,12 +88,12 @@ class ChainLoraPlugin(BasePlugin):
     def post_train(self, cfg, model):
         # axolotl calls this right after training and again once the final adapter is saved:
         # fold when the adapter file has been written since training ended
-        if not (uses_chain_adapter(cfg) and cfg.chain_export_lora) or self._adapter_at_train_end is False:
+        if not (uses_chain_adapter(cfg) and cfg.chain_export_lora and self._training_ended):
             return
         adapter_weights = Path(cfg.output_dir) / ADAPTER_WEIGHTS
-        if not adapter_weights.is_file() or _file_version(adapter_weights) == self._adapter_at_train_end:
+        if not adapter_weights.is_file() or _file_version(adapter_weights) == self._adapter_file_at_train_end:
             return
-        self._adapter_at_train_end = False
+        self._training_ended = False
         if int(os.environ.get("RANK", "0")) != 0:
             return
         out_dir = Path(cfg.output_dir) / PLAIN_LORA_DIR
@@ -107,7 +108,8 @@ class _RecordTrainingEnd(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         adapter_weights = Path(args.output_dir) / ADAPTER_WEIGHTS
-        self.plugin._adapter_at_train_end = _file_version(adapter_weights) if adapter_weights.is_file() else None
+        self.plugin._adapter_file_at_train_end = _file_version(adapter_weights) if adapter_weights.is_file() else None
+        self.plugin._training_ended = True
 
 
 def _file_version(path: Path) -> tuple[int, int, int]:
