@@ -1,0 +1,43 @@
+"""Chain adapters under DistributedDataParallel and FSDP2: two CPU processes, gloo backend, torchrun.
+
+axolotl itself cannot run several processes on a CPU (it pins each rank's model to an
+accelerator device), so this drives the chain layers with torch's own engines.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).parent / "workers" / "distributed_train.py"
+
+
+def train(tmp_path, chain_type: str, engine: str) -> tuple[dict, dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER)]
+    result = subprocess.run(
+        [*command, str(tmp_path), chain_type, engine], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp_path / f"{engine}-rank0.pt"), torch.load(tmp_path / f"{engine}-rank1.pt")
+
+
+@pytest.mark.parametrize("chain_type", ["linchain", "mtlora_icfm"])
+def test_ddp_and_fsdp_train_the_same_adapter_on_every_rank(chain_type, tmp_path):
+    ddp_rank0, ddp_rank1 = train(tmp_path, chain_type, "ddp")
+    fsdp_rank0, fsdp_rank1 = train(tmp_path, chain_type, "fsdp")
+    assert any(".lora_core." in name for name in ddp_rank0)
+    assert ddp_rank0.keys() == ddp_rank1.keys() == fsdp_rank0.keys() == fsdp_rank1.keys()
+    for name in ddp_rank0:
+        # identical on both ranks although each saw different data: the core's gradients were all-reduced
+        assert torch.equal(ddp_rank0[name], ddp_rank1[name]), name
+        assert torch.equal(fsdp_rank0[name], fsdp_rank1[name]), name
+        # sharding the cores (FSDP2) trains them as replicating them (DDP) does
+        torch.testing.assert_close(fsdp_rank0[name], ddp_rank0[name], atol=1e-6, rtol=1e-5, msg=name)
+    # and training happened: B started at zero
+    assert all(ddp_rank0[name].abs().max() > 0 for name in ddp_rank0 if ".lora_B." in name)
