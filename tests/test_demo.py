@@ -18,5 +18,8 @@ def test_demo_trains_through_axolotl_and_exports_exactly(tmp_path):
     assert saved["peft_type"] == "LORA_CHAIN" and saved["chain_type"] == "linchain"
     assert json.loads((out / "out" / "plain_lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert (out / "out" / "merged" / "model.safetensors").is_file()
+    # the plugin says what it changed, in axolotl's own log
+    train_log = (out / "train.log").read_text()
+    assert "axolotl's LoRA kernels (lora_mlp_kernel" in train_log and "folded into a plain LoRA" in train_log
     # a second run never overwrites a finished one
     assert main(["demo", str(out)]) == 2

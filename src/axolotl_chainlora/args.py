@@ -15,7 +15,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from .config import SUPPORTED_LORA_INITS, check_chain_dims, check_fused_splits
 
-LOG = logging.getLogger("axolotl_chainlora")
+# under axolotl's logger, whose INFO lines axolotl shows (it hides INFO from other loggers)
+LOG = logging.getLogger("axolotl.integrations.chainlora")
 
 CHAIN_ADAPTERS = ("linchain", "moslora", "mtlora")
 MTLORA_STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")

@@ -8,7 +8,6 @@ the config uses a chain adapter.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -17,12 +16,11 @@ from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import TrainerCallback, set_seed
 
-from .args import CHAIN_ADAPTERS, chain_config_fields
+from .args import CHAIN_ADAPTERS, LOG, chain_config_fields
 from .config import ChainLoraConfig
 from .cores import default_chain_dims
 from .export import ADAPTER_WEIGHTS, fold_to_lora
 
-LOG = logging.getLogger("axolotl_chainlora")
 PLAIN_LORA_DIR = "plain_lora"
 
 
