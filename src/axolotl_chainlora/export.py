@@ -35,15 +35,16 @@ def fold_to_lora(
     directory (no base model needed). Returns `out_dir`.
     """
     if isinstance(model_or_adapter_dir, PeftModel):
+        source = f"adapter '{adapter_name}' of the model"
         config = model_or_adapter_dir.peft_config[adapter_name]
         tensors = get_peft_model_state_dict(model_or_adapter_dir, adapter_name=adapter_name)
     else:
-        config = PeftConfig.from_pretrained(str(model_or_adapter_dir))
+        source = str(model_or_adapter_dir)
+        config = PeftConfig.from_pretrained(source)
         tensors = _load_adapter_tensors(Path(model_or_adapter_dir))
     if not isinstance(config, ChainLoraConfig):
         raise ValueError(
-            f"{model_or_adapter_dir!r} holds a {type(config).__name__}, not a chain adapter: "
-            "a plain LoRA needs no folding."
+            f"{source} holds a {type(config).__name__}, not a chain adapter: a plain LoRA needs no folding."
         )
     lora_config, lora_tensors = fold_tensors(config, tensors)
 
