@@ -19,7 +19,7 @@ from peft import (
 from transformers import AutoModelForCausalLM
 
 import axolotl_chainlora
-from axolotl_chainlora import CHAIN_TYPES, ChainLoraConfig
+from axolotl_chainlora import CHAIN_TYPES, ChainLoraConfig, core_parameter_count
 
 R, ALPHA = 4, 8
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -265,6 +265,12 @@ def test_trainable_parameter_count_matches_formula(chain_type):
         (m.in_features + m.out_features) * R + expected_core_parameters(chain_type, R, dims) for m in adapted
     )
     assert trainable == expected
+
+
+@pytest.mark.parametrize("chain_type", CHAIN_TYPES)
+def test_public_core_parameter_count_matches_formula(chain_type):
+    dims = [8, 16, 8] if chain_type == "linchain" else None
+    assert core_parameter_count(chain_type, 8, dims) == expected_core_parameters(chain_type, 8, dims)
 
 
 def test_linchain_default_is_three_square_links_as_in_the_paper():
