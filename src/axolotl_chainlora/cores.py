@@ -50,7 +50,7 @@ class ChainCore(nn.Module):
     """T for one adapter of one layer, applied to the r-dim activations between A and B.
 
     A leaf module whose parameters are plain `weight`, `weight_1`, ...: FSDP wrapping and
-    DeepSpeed ZeRO-3 gathering hook module calls, so T is only ever computed inside forward.
+    DeepSpeed ZeRO-3 gathering hook module calls, so training computes T inside forward.
     """
 
     def __init__(self, chain_type: str, r: int, chain_dims: list[int] | None = None, init: str = "kaiming"):
@@ -83,7 +83,8 @@ class ChainCore(nn.Module):
             raise ValueError(f"chain_init={init!r} is not one of {CHAIN_INITS}.")
 
     def matrix(self) -> torch.Tensor:
-        """T itself (r x r); call only inside forward, where sharded parameters are gathered."""
+        """T itself (r x r). Outside forward (merge, export) the caller gathers sharded parameters first,
+        as for PEFT's own A and B."""
         factors = self.factors()
         if self.chain_type == "mtlora_icfm":
             return factors[0] @ factors[0].T
