@@ -90,9 +90,8 @@ def fold_tensors(
 def _core_from_tensors(
     config: ChainLoraConfig, module_key: str, core_r: int, factors: dict[str, torch.Tensor]
 ) -> ChainCore:
-    chain_dims = config.chain_dims if config.chain_type == "linchain" else None
     # identity init draws no random numbers; the saved factors replace it
-    core = ChainCore(config.chain_type, core_r, chain_dims, init="identity").double()
+    core = ChainCore(config.chain_type, core_r, config.chain_dims, init="identity").double()
     try:
         core.load_state_dict({name: value.double() for name, value in factors.items()})
     except RuntimeError as error:

@@ -101,8 +101,8 @@ class ChainLoraLayer:
         if split_sizes:
             self._make_fused(adapter_name, config, split_sizes)
         core_r = r * len(split_sizes) if split_sizes else r
-        chain_dims = config.chain_dims if config.chain_type == "linchain" else None
-        self.lora_core[adapter_name] = ChainCore(config.chain_type, core_r, chain_dims, config.chain_init)
+        # ChainLoraConfig allows chain_dims for linchain only
+        self.lora_core[adapter_name] = ChainCore(config.chain_type, core_r, config.chain_dims, config.chain_init)
         self._move_adapter_to_device_of_base_layer(adapter_name)
 
     def _make_fused(self, adapter_name: str, config: ChainLoraConfig, split_sizes: list[int]) -> None:
@@ -176,8 +176,12 @@ class Linear(ChainLoraLayer, LoraLinear):
     """torch.nn.Linear, or transformers' Conv1D (fan_in_fan_out=True)."""
 
 
+def _base_layer(target: nn.Module) -> nn.Module:
+    return target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+
+
 def _dispatch_linear(target: nn.Module, adapter_name: str, config: ChainLoraConfig, **kwargs) -> Linear:
-    base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    base_layer = _base_layer(target)
     is_conv1d = isinstance(base_layer, Conv1D)
     if bool(config.fan_in_fan_out) != is_conv1d:
         raise ValueError(
@@ -189,8 +193,7 @@ def _dispatch_linear(target: nn.Module, adapter_name: str, config: ChainLoraConf
 
 
 def _refuse_unsupported_target(target: nn.Module, adapter_name: str, config: ChainLoraConfig, **kwargs):
-    base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    layer_type = type(base_layer)
+    layer_type = type(_base_layer(target))
     raise TypeError(
         f"chain_type={config.chain_type!r} cannot adapt module '{kwargs.get('target_name')}' of type "
         f"{layer_type.__module__}.{layer_type.__qualname__}. Chain adapters support torch.nn.Linear, "
