@@ -53,6 +53,14 @@ class ChainLoraConfig(LoraConfig):
             "(k r) x (k r) core mixes the k subspaces, as the MTLoRA paper does for GPT-2's qkv."
         },
     )
+    cola_tied_ranks: Optional[list[int]] = field(
+        default=None,
+        metadata={
+            "help": "Chain of LoRA (COLA): the ranks of the links already tied into this adapter, oldest first. "
+            "Their folded factors are saved beside the current link (lora_tied_A, lora_tied_B) and add to its "
+            "update. Set by COLA training, not by hand."
+        },
+    )
     chain_format_version: int = field(
         default=CHAIN_FORMAT_VERSION,
         metadata={"help": "Saved-layout version of axolotl-chainlora; set automatically."},
@@ -81,6 +89,10 @@ class ChainLoraConfig(LoraConfig):
             self._validate_chain_dims()
         if self.chain_fused_splits:
             self._validate_fused_splits()
+        if self.cola_tied_ranks is not None and not (
+            isinstance(self.cola_tied_ranks, (list, tuple)) and all(_is_positive_int(r) for r in self.cola_tied_ranks)
+        ):
+            raise ValueError(f"cola_tied_ranks={self.cola_tied_ranks!r} must be a list of positive integers.")
 
     def _validate_chain_dims(self) -> None:
         if self.chain_type != "linchain":

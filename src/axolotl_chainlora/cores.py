@@ -6,6 +6,7 @@ module builds T for each method, counts its parameters and initialises it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CHAIN_TYPES = (
+    "lora",  # no core (T = I): plain LoRA in the chain layers, for COLA on plain LoRA
     "moslora",  # Wu et al. 2024: one r x r mixer M
     "linchain",  # LinChain: T = W1 @ W2 @ ... @ Wn
     "mtlora_shim",  # MTLoRA: T = C
@@ -31,6 +33,8 @@ def default_chain_dims(r: int) -> list[int]:
 
 def core_shapes(chain_type: str, r: int, chain_dims: list[int] | None = None) -> list[tuple[int, int]]:
     """Shapes of the core's parameters, in the order they are named weight, weight_1, ..."""
+    if chain_type == "lora":
+        return []
     if chain_type == "linchain":
         dims = chain_dims or default_chain_dims(r)
         return [(dims[i], dims[i + 1]) for i in range(len(dims) - 1)]
@@ -44,6 +48,17 @@ def core_shapes(chain_type: str, r: int, chain_dims: list[int] | None = None) ->
 def core_parameter_count(chain_type: str, r: int, chain_dims: list[int] | None = None) -> int:
     """Extra parameters per adapted layer on top of LoRA's (d_in + d_out) * r."""
     return sum(rows * cols for rows, cols in core_shapes(chain_type, r, chain_dims))
+
+
+@torch.no_grad()
+def draw_into(tensor: torch.Tensor, init_fn, generator: torch.Generator | None = None) -> None:
+    """Fill `tensor` with `init_fn`'s draw, made in float32 on the CPU (where `generator` lives) and copied over."""
+    draw = torch.empty(tensor.shape, dtype=torch.float32)
+    if generator is None:
+        init_fn(draw)
+    else:
+        init_fn(draw, generator=generator)
+    tensor.copy_(draw)
 
 
 class ChainCore(nn.Module):
@@ -68,19 +83,26 @@ class ChainCore(nn.Module):
         return [getattr(self, name) for name in self.param_names]
 
     @torch.no_grad()
-    def reset_parameters(self, init: str) -> None:
-        factors = self.factors()
-        if init == "kaiming":
-            # the papers' default, the same draw as nn.Linear and LoRA's A
-            for factor in factors:
-                nn.init.kaiming_uniform_(factor, a=math.sqrt(5))
-        elif init in ("identity", "orthogonal"):
-            # identity: T = I, so training starts as exact LoRA; DTSM keeps D = 0 so that C + D = C
-            fill = nn.init.eye_ if init == "identity" else nn.init.orthogonal_
-            for index, factor in enumerate(factors):
-                (nn.init.zeros_ if self.chain_type == "mtlora_dtsm" and index == 1 else fill)(factor)
-        else:
+    def reset_parameters(self, init: str, generator: torch.Generator | None = None) -> None:
+        """Draw the factors; `generator` (a CPU one) makes the draw the same on every data-parallel rank."""
+        if init not in CHAIN_INITS:
             raise ValueError(f"chain_init={init!r} is not one of {CHAIN_INITS}.")
+        for index, factor in enumerate(self.factors()):
+            if init == "kaiming":
+                # the papers' default, the same draw as nn.Linear and LoRA's A
+                draw_into(factor, functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)), generator)
+            elif self.chain_type == "mtlora_dtsm" and index == 1:
+                # DTSM keeps D = 0 so that C + D = C
+                factor.zero_()
+            elif init == "identity":
+                # T = I, so training starts as exact LoRA
+                nn.init.eye_(factor)
+            else:
+                draw_into(factor, nn.init.orthogonal_, generator)
+
+    def times(self, A: torch.Tensor) -> torch.Tensor:
+        """T @ A, in A's dtype."""
+        return self.matrix().to(A.dtype) @ A if self.param_names else A
 
     def matrix(self) -> torch.Tensor:
         """T itself (r x r). Outside forward (merge, export) the caller gathers sharded parameters first,
@@ -94,7 +116,7 @@ class ChainCore(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # one r x r matmul on the activations, however many links the chain has
-        return F.linear(hidden, self.matrix())
+        return F.linear(hidden, self.matrix()) if self.param_names else hidden
 
     def extra_repr(self) -> str:
         shapes = ", ".join("x".join(map(str, f.shape)) for f in self.factors())

@@ -9,6 +9,7 @@ the base model with the adapter merged in.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -18,10 +19,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict
+from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 
 from .config import ChainLoraConfig
 from .cores import ChainCore
+from .layer import link_factors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -58,10 +61,15 @@ def fold_to_lora(
 def fold_tensors(
     config: ChainLoraConfig, tensors: dict[str, torch.Tensor]
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """Fold every core into its A; returns the plain LoraConfig and the saved-format tensors."""
+    """Fold every module's update (its current link and the links COLA tied) into plain LoRA factors;
+    returns the plain LoraConfig and the saved-format tensors.
+
+    Each module's update is B' A' with A' = [A_tied; T A] and B' = [B_tied, s B] (computed in float64);
+    plain LoRA of rank R = rows of A' scales by its own s_R, so B' / s_R is saved as B.
+    """
     lora_config = config.to_lora_config()
-    rank_pattern = dict(lora_config.rank_pattern)
-    folded = {key: value for key, value in tensors.items() if ".lora_core." not in key}
+    folded = {key: value for key, value in tensors.items() if not _is_chain_tensor(key)}
+    ranks = {}
     # every module of a chain adapter has a core: walk the A's, so a module whose core is gone is caught
     for module_key in sorted(key.removesuffix(".lora_A.weight") for key in tensors if key.endswith(".lora_A.weight")):
         A = tensors[f"{module_key}.lora_A.weight"]
@@ -71,20 +79,38 @@ def fold_tensors(
             for key, value in tensors.items()
             if key.startswith(f"{module_key}.lora_core.")
         }
-        T = _core_from_tensors(config, module_key, A.shape[0], factors).matrix()
-        # float64 so the fold adds no error of its own beyond the final cast
-        folded[f"{module_key}.lora_A.weight"] = (T.double() @ A.double()).to(A.dtype)
+        core = _core_from_tensors(config, module_key, A.shape[0], factors)
         split_sizes = config.fused_split_sizes(module_key, B.shape[0])
-        if split_sizes:
-            # a fused projection becomes plain LoRA of rank k*r with B' = blockdiag(B_1..B_k);
-            # LoRA's scale for rank k*r is k (sqrt k with rsLoRA) times smaller, so B' makes up for it
-            k = len(split_sizes)
-            scale_ratio = k**0.5 if config.use_rslora else k
-            B_blocks = B.double().split(split_sizes, dim=0)
-            folded[f"{module_key}.lora_B.weight"] = (torch.block_diag(*B_blocks) * scale_ratio).to(B.dtype)
-            rank_pattern[_exact_module_pattern(module_key)] = A.shape[0]
-    lora_config.rank_pattern = rank_pattern
+        r, alpha = _rank_and_alpha(config, module_key)
+        B_update, A_update = link_factors(core, A.double(), B.double(), _lora_scale(config, r, alpha), split_sizes)
+        if f"{module_key}.lora_tied_A.weight" in tensors:
+            A_update = torch.cat([tensors[f"{module_key}.lora_tied_A.weight"].double(), A_update])
+            B_update = torch.cat([tensors[f"{module_key}.lora_tied_B.weight"].double(), B_update], dim=1)
+        ranks[module_key] = A_update.shape[0]
+        folded[f"{module_key}.lora_A.weight"] = A_update.to(A.dtype)
+        folded[f"{module_key}.lora_B.weight"] = (B_update / _lora_scale(config, ranks[module_key], alpha)).to(B.dtype)
+    # one global rank where the modules agree (vLLM serves one); the others by exact name
+    lora_config.r = max(set(ranks.values()), key=list(ranks.values()).count, default=lora_config.r)
+    lora_config.rank_pattern = {
+        _exact_module_pattern(module_key): rank for module_key, rank in ranks.items() if rank != lora_config.r
+    }
     return lora_config, folded
+
+
+def _is_chain_tensor(key: str) -> bool:
+    return ".lora_core." in key or ".lora_tied_" in key
+
+
+def _rank_and_alpha(config: LoraConfig, module_key: str) -> tuple[int, float]:
+    """The rank and alpha PEFT gives a module (rank_pattern and alpha_pattern, as LoraModel resolves them)."""
+    name = module_key.removeprefix("base_model.model.")
+    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+    return r, alpha
+
+
+def _lora_scale(config: LoraConfig, r: int, alpha: float) -> float:
+    return alpha / math.sqrt(r) if config.use_rslora else alpha / r
 
 
 def _core_from_tensors(

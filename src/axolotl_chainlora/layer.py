@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import ChainLoraConfig
-from .cores import ChainCore
+from .cores import ChainCore, draw_into
 
 
 class FusedLoraB(nn.Module):
@@ -73,17 +73,46 @@ class ChainVariant(LoraVariant):
     def forward(module: ChainLoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
         hidden = module.lora_A[active_adapter](module.lora_dropout[active_adapter](x))
         update = module.lora_B[active_adapter](module.lora_core[active_adapter](hidden))
-        return result + update * module.scaling[active_adapter]
+        result = result + update * module.scaling[active_adapter]
+        if module.adds_tied_links(active_adapter):
+            # links COLA tied act as part of the base: no dropout, already scaled
+            result = result + module.lora_tied_B[active_adapter](module.lora_tied_A[active_adapter](x))
+        return result
+
+
+class TiedFactor(nn.Module):
+    """One factor of the links COLA tied into an adapter, stacked oldest first: a frozen buffer `weight`.
+
+    A buffer, not a parameter: PEFT's set_adapter turns requires_grad on for every adapter parameter.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def link_factors(
+    core: ChainCore, A: torch.Tensor, B: torch.Tensor, scaling: float, split_sizes: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One link's update s * B T A as two factors (B', A') with B' A' = s B T A, in A's dtype:
+    A' = T A, B' = s B (s blockdiag(B_1..B_k) for a fused projection)."""
+    B = torch.block_diag(*B.split(split_sizes, dim=0)) if split_sizes else B
+    return B.to(A.dtype) * scaling, core.times(A)
 
 
 class ChainLoraLayer:
     """Mixin put before a PEFT LoRA layer class in the MRO."""
 
-    adapter_layer_names = LoraLayer.adapter_layer_names + ("lora_core",)
+    adapter_layer_names = LoraLayer.adapter_layer_names + ("lora_core", "lora_tied_A", "lora_tied_B")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs):
         # PEFT's bnb layers call update_layer without the module's name; fused splits match on it
         self.module_key = kwargs.get("target_name", "")
+        # adapters whose tied links (COLA, cola_merge: base) were added into the base weight
+        self.tied_in_base: set[str] = set()
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
         self._register_load_state_dict_pre_hook(_refuse_incomplete_adapter_tensors, with_module=True)
 
@@ -94,47 +123,118 @@ class ChainLoraLayer:
         return super().resolve_lora_variant(config=config, **kwargs)
 
     def add_chain_core(self, adapter_name: str, config: ChainLoraConfig, module_key: str) -> None:
-        if "lora_core" not in self._modules:
-            self.lora_core = nn.ModuleDict()
-        r = self.r[adapter_name]
+        for layer_name in ("lora_core", "lora_tied_A", "lora_tied_B"):
+            if layer_name not in self._modules:
+                setattr(self, layer_name, nn.ModuleDict())
         split_sizes = config.fused_split_sizes(module_key, self.out_features)
+        self._build_link(adapter_name, config, self.r[adapter_name], split_sizes)
         if split_sizes:
-            self._make_fused(adapter_name, config, split_sizes)
-        core_r = r * len(split_sizes) if split_sizes else r
-        # ChainLoraConfig allows chain_dims for linchain only
-        self.lora_core[adapter_name] = ChainCore(config.chain_type, core_r, config.chain_dims, config.chain_init)
+            self._draw_link(adapter_name, config.init_lora_weights)
+        if config.cola_tied_ranks:
+            # placeholders: a saved adapter's tied factors set their size when they load
+            self.lora_tied_A[adapter_name] = TiedFactor(torch.zeros(0, self.in_features))
+            self.lora_tied_B[adapter_name] = TiedFactor(torch.zeros(self.out_features, 0))
         self._move_adapter_to_device_of_base_layer(adapter_name)
 
-    def _make_fused(self, adapter_name: str, config: ChainLoraConfig, split_sizes: list[int]) -> None:
-        """Give each of the k output slices its own rank-r B, sharing one k*r-dim A."""
+    def _build_link(self, adapter_name: str, config: ChainLoraConfig, r: int, split_sizes: list[int] | None) -> None:
+        """The core; and A and B where PEFT's own do not fit: a fused projection gives each of its k output
+        slices its own rank-r B, sharing one k*r-dim A; a new rank (COLA's rank step-down) needs new ones."""
+        core_r = r * len(split_sizes) if split_sizes else r
+        if split_sizes or r != self.r[adapter_name]:
+            self.lora_A[adapter_name] = nn.Linear(self.in_features, core_r, bias=False)
+            self.lora_B[adapter_name] = (
+                FusedLoraB(r, split_sizes) if split_sizes else nn.Linear(r, self.out_features, bias=False)
+            )
+        # ChainLoraConfig allows chain_dims for linchain only
+        self.lora_core[adapter_name] = ChainCore(config.chain_type, core_r, config.chain_dims, config.chain_init)
+
+    @torch.no_grad()
+    def _draw_link(self, adapter_name: str, init_lora_weights, generator: torch.Generator | None = None) -> None:
+        """The draws PEFT's reset_lora_parameters makes for A and B."""
         r = self.r[adapter_name]
-        lora_A = nn.Linear(self.in_features, r * len(split_sizes), bias=False)
-        lora_B = FusedLoraB(r, split_sizes)
-        # the same draws PEFT's reset_lora_parameters makes for A and B
-        if config.init_lora_weights == "gaussian":
-            nn.init.normal_(lora_A.weight, std=1 / r)
+        if init_lora_weights == "gaussian":
+            draw_A = functools.partial(nn.init.normal_, std=1 / r)
         else:
-            nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
-        if config.init_lora_weights:
-            nn.init.zeros_(lora_B.weight)
+            draw_A = functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5))
+        draw_into(self.lora_A[adapter_name].weight, draw_A, generator)
+        if init_lora_weights:
+            self.lora_B[adapter_name].weight.zero_()
         else:
-            nn.init.kaiming_uniform_(lora_B.weight, a=math.sqrt(5))
-        self.lora_A[adapter_name] = lora_A
-        self.lora_B[adapter_name] = lora_B
+            draw_into(self.lora_B[adapter_name].weight, functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)))
+
+    def link_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current link's update as (B', A'), B' A' = s B T A, in float32."""
+        lora_B = self.lora_B[adapter]
+        split_sizes = lora_B.split_sizes if isinstance(lora_B, FusedLoraB) else None
+        A = self.lora_A[adapter].weight.float()
+        return link_factors(self.lora_core[adapter], A, lora_B.weight, self.scaling[adapter], split_sizes)
+
+    def adds_tied_links(self, adapter: str) -> bool:
+        """Whether forward and the delta weight add the adapter's tied links (not when they are in the base)."""
+        return adapter in self.lora_tied_A and adapter not in self.tied_in_base
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """s * B T A in the base weight's layout, computed in float32.
+        """s * B T A (plus the tied links) in the base weight's layout, computed in float32.
 
         Reads the factors directly, as PEFT's own LoRA layers do: under ZeRO-3 the
         caller gathers them first.
         """
         if adapter not in self.lora_core:
             return super().get_delta_weight(adapter)
-        lora_B = self.lora_B[adapter]
-        core_times_A = self.lora_core[adapter].matrix().float() @ self.lora_A[adapter].weight.float()
-        B = torch.block_diag(*lora_B.blocks()) if isinstance(lora_B, FusedLoraB) else lora_B.weight
-        delta = (B.float() @ core_times_A) * self.scaling[adapter]
-        return transpose(delta, self.fan_in_fan_out).to(lora_B.weight.dtype)
+        B, A = self.link_factors(adapter)
+        delta = B @ A
+        if self.adds_tied_links(adapter):
+            delta = delta + self.lora_tied_B[adapter].weight.float() @ self.lora_tied_A[adapter].weight.float()
+        return transpose(delta, self.fan_in_fan_out).to(self.lora_B[adapter].weight.dtype)
+
+    # ---- Chain of LoRA (COLA): tie a knot, start a new link
+
+    @torch.no_grad()
+    def tie_link(self, adapter: str, into_base: bool) -> float:
+        """Append the current link's update to the tied links, and add it to the base weight when `into_base`.
+        Returns the squared Frobenius norm of the tied update."""
+        B, A = self.link_factors(adapter)
+        dtype = self.lora_A[adapter].weight.dtype
+        A, B = A.to(dtype), B.to(dtype)
+        if adapter in self.lora_tied_A:
+            A = torch.cat([self.lora_tied_A[adapter].weight, A], dim=0)
+            B = torch.cat([self.lora_tied_B[adapter].weight, B], dim=1)
+        self.lora_tied_A[adapter] = TiedFactor(A)
+        self.lora_tied_B[adapter] = TiedFactor(B)
+        rows = B.shape[1] - self.lora_A[adapter].weight.shape[0]
+        if into_base:
+            self.add_tied_to_base(adapter, rows)
+        new_B, new_A = B[:, rows:].double(), A[rows:].double()
+        # ||B A||_F^2 = <B^T B, A A^T>: two small products instead of the out x in matrix
+        return (new_B.T @ new_B * (new_A @ new_A.T)).sum().item()
+
+    @torch.no_grad()
+    def add_tied_to_base(self, adapter: str, start: int = 0) -> None:
+        """Add the tied links from row `start` on into the float base weight, one link at a time (a knot and
+        a resume from a checkpoint then round alike) and mark the adapter's tied links as in the base."""
+        if adapter in self.lora_tied_A and start < self.lora_tied_A[adapter].weight.shape[0]:
+            weight = self.get_base_layer().weight
+            A = self.lora_tied_A[adapter].weight[start:].float()
+            B = self.lora_tied_B[adapter].weight[:, start:].float()
+            # in float32 at least, rounded once into the base dtype
+            summed = weight.to(torch.promote_types(weight.dtype, torch.float32)) + transpose(B @ A, self.fan_in_fan_out)
+            weight.copy_(summed)
+        self.tied_in_base.add(adapter)
+
+    @torch.no_grad()
+    def start_new_link(self, adapter: str, config: ChainLoraConfig, r: int, generator: torch.Generator) -> None:
+        """A fresh link, drawn as the first one was (B = 0): in place, or at a new rank as new tensors."""
+        if r != self.r[adapter]:
+            old = self.lora_A[adapter].weight
+            lora_B = self.lora_B[adapter]
+            self._build_link(adapter, config, r, lora_B.split_sizes if isinstance(lora_B, FusedLoraB) else None)
+            for layer_name in ("lora_A", "lora_B", "lora_core"):
+                getattr(self, layer_name)[adapter].to(device=old.device, dtype=old.dtype)
+            self.r[adapter] = r
+            alpha = self.lora_alpha[adapter]
+            self.scaling[adapter] = alpha / math.sqrt(r) if self.use_rslora[adapter] else alpha / r
+        self._draw_link(adapter, config.init_lora_weights, generator)
+        self.lora_core[adapter].reset_parameters(config.chain_init, generator)
 
 
 def _refuse_incomplete_adapter_tensors(module, state_dict, prefix, *args) -> None:
@@ -143,6 +243,7 @@ def _refuse_incomplete_adapter_tensors(module, state_dict, prefix, *args) -> Non
     PEFT only warns about such files and keeps the freshly drawn tensors: a silently wrong adapter.
     Names look like 'lora_A.default.weight': adapter-layer name, adapter name, tensor.
     """
+    _size_tied_factors_to_saved(module, state_dict, prefix)
     layer_names = module.adapter_layer_names
     own: dict[str, set[str]] = {}
     for layer_name in layer_names:
@@ -170,6 +271,27 @@ def _refuse_incomplete_adapter_tensors(module, state_dict, prefix, *args) -> Non
             "(chain_type, chain_dims, chain_fused_splits) disagree; it may be damaged or written by another "
             "version of axolotl-chainlora."
         )
+
+
+def _size_tied_factors_to_saved(module, state_dict, prefix) -> None:
+    """Tied-link placeholders take the size of the saved factors (the sum of the tied links' ranks)."""
+    for adapter in getattr(module, "lora_tied_A", {}):
+        A = state_dict.get(f"{prefix}lora_tied_A.{adapter}.weight")
+        B = state_dict.get(f"{prefix}lora_tied_B.{adapter}.weight")
+        if A is None or B is None:
+            continue  # named as missing below
+        if not (A.dim() == B.dim() == 2 and A.shape[0] == B.shape[1]) or (B.shape[0], A.shape[1]) != (
+            module.out_features,
+            module.in_features,
+        ):
+            raise ValueError(
+                f"The tied COLA links of module '{prefix.rstrip('.')}' have shapes A {tuple(A.shape)}, "
+                f"B {tuple(B.shape)}; this layer needs A (R, {module.in_features}) and B ({module.out_features}, R). "
+                "The adapter file does not belong to this model or is damaged."
+            )
+        like = module.lora_A[adapter].weight
+        module.lora_tied_A[adapter] = TiedFactor(torch.empty(A.shape, dtype=like.dtype, device=like.device))
+        module.lora_tied_B[adapter] = TiedFactor(torch.empty(B.shape, dtype=like.dtype, device=like.device))
 
 
 class Linear(ChainLoraLayer, LoraLinear):

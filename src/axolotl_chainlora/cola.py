@@ -1,0 +1,283 @@
+"""Chain of LoRA (COLA; Xia, Qin, Hazan 2024): train a link, tie a knot, extend the chain.
+
+`ColaCallback` is a transformers TrainerCallback. At each knot it
+- ties the knot: the current link's update s B T A joins the adapter's tied links, which are
+  added into the float base weight (`base`) or kept beside it as frozen low-rank factors
+  (`frozen`, exact; the only choice for 4-bit and 8-bit bases);
+- extends the chain: a fresh link, drawn as the first one was (B = 0, so the knot leaves the
+  model's function unchanged) from a generator seeded by (seed, link, module), so every
+  data-parallel rank draws the same link; optionally at a new rank;
+- gives the optimizer fresh state for the link's parameters.
+The LR schedule is the run's own and goes on; `link_warmup_steps` adds a linear warmup after
+each knot on top of it. Saves hold every link: the tied factors are adapter tensors and the
+adapter config records their ranks (`cola_tied_ranks`).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+
+import torch
+from transformers import TrainerCallback
+
+from .config import ChainLoraConfig
+from .layer import ChainLoraLayer
+
+LOG = logging.getLogger("axolotl.integrations.chainlora")
+
+COLA_MERGE_MODES = ("auto", "base", "frozen")
+
+
+@dataclass(frozen=True)
+class ColaSchedule:
+    """The COLA settings; every key named as in the axolotl YAML (`cola_links`, ...)."""
+
+    links: int
+    knots: tuple[float | int, ...] | None = None
+    ranks: tuple[int, ...] | None = None
+    merge: str = "auto"
+    reset_optimizer: bool = True
+    link_warmup_steps: int = 0
+
+    def __post_init__(self):
+        check_cola_schedule(self)
+
+    def knot_steps(self, max_steps: int) -> list[int]:
+        """The optimizer steps after which a knot is tied; default evenly spaced."""
+        knots = self.knots or [index / self.links for index in range(1, self.links)]
+        fractions = all(isinstance(knot, float) for knot in knots)
+        # a fraction rounds half up: 5 epochs in 2 links tie after epoch 3, as in the paper
+        steps = [int(knot * max_steps + 0.5) for knot in knots] if fractions else list(knots)
+        if any(not 0 < step < max_steps for step in steps) or sorted(set(steps)) != steps:
+            raise ValueError(
+                f"cola_knots={list(knots)} gives knot steps {steps} for a run of {max_steps} steps: the knots must "
+                f"fall on distinct steps between 1 and {max_steps - 1}. Lower cola_links or lengthen the run."
+            )
+        return steps
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_cola_schedule(schedule: ColaSchedule, max_steps: int | None = None) -> None:
+    """Refuse a bad COLA schedule, naming the YAML key and the fix."""
+    links, knots, ranks = schedule.links, schedule.knots, schedule.ranks
+    if not _is_int(links) or links < 1:
+        raise ValueError(f"cola_links={links!r} must be a positive integer (the chain length; 1 = no COLA).")
+    if knots is not None:
+        if len(knots) != links - 1:
+            raise ValueError(
+                f"cola_knots={list(knots)} has {len(knots)} knots, but cola_links={links} needs {links - 1}: "
+                f"give {links - 1} knots or change cola_links."
+            )
+        fractions = all(isinstance(knot, float) and 0 < knot < 1 for knot in knots)
+        steps = all(_is_int(knot) and knot >= 1 for knot in knots)
+        if not (fractions or steps):
+            raise ValueError(
+                f"cola_knots={list(knots)} must be all fractions of the run strictly between 0 and 1 "
+                "(e.g. [0.5, 0.8]) or all optimizer steps >= 1 (e.g. [100, 200])."
+            )
+        if list(knots) != sorted(set(knots)):
+            raise ValueError(f"cola_knots={list(knots)} must be strictly increasing.")
+        if steps and max_steps is not None and knots[-1] >= max_steps:
+            raise ValueError(f"cola_knots={list(knots)}: every knot step must be below max_steps={max_steps}.")
+    if ranks is not None:
+        if len(ranks) != links or not all(_is_int(rank) and rank > 0 for rank in ranks):
+            raise ValueError(
+                f"cola_ranks={list(ranks)} must be {links} positive integers, one rank per link (cola_links={links})."
+            )
+        if len(set(ranks)) > 1 and not schedule.reset_optimizer:
+            raise ValueError(
+                "cola_reset_optimizer: false keeps the optimizer state of the link, which cannot fit a link of "
+                "another rank: set cola_reset_optimizer: true or give every link the same rank in cola_ranks."
+            )
+    if schedule.merge not in COLA_MERGE_MODES:
+        raise ValueError(f"cola_merge={schedule.merge!r} must be one of {', '.join(COLA_MERGE_MODES)}.")
+    if not _is_int(schedule.link_warmup_steps) or schedule.link_warmup_steps < 0:
+        raise ValueError(f"cola_link_warmup_steps={schedule.link_warmup_steps!r} must be an integer >= 0.")
+
+
+def link_generator(seed: int, link: int, module_name: str) -> torch.Generator:
+    """The same generator on every rank for one link of one module."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{link}/{module_name}".encode()))
+
+
+def is_quantized(layer: ChainLoraLayer) -> bool:
+    from .bnb import Linear4bit, Linear8bitLt
+
+    return isinstance(layer, (Linear4bit, Linear8bitLt))
+
+
+class ColaCallback(TrainerCallback):
+    """Runs a ColaSchedule on the chain adapter `adapter_name` of the trainer's PeftModel.
+
+    `trainer`, when given, receives the knot events through `trainer.log` (tensorboard, wandb, ...).
+    """
+
+    def __init__(self, schedule: ColaSchedule, trainer=None, adapter_name: str = "default"):
+        self.schedule = schedule
+        self.trainer = trainer
+        self.adapter_name = adapter_name
+        self.knot_steps: list[int] = []
+        self.into_base = False
+        self._scheduled_lrs: list[float] | None = None
+
+    # ---- the model's side
+
+    def _config(self, model) -> ChainLoraConfig:
+        config = model.peft_config.get(self.adapter_name)
+        if not isinstance(config, ChainLoraConfig):
+            raise TypeError(
+                f"COLA needs a chain adapter (ChainLoraConfig; chain_type='lora' for plain LoRA), but adapter "
+                f"'{self.adapter_name}' is a {type(config).__name__}."
+            )
+        return config
+
+    def _layers(self, model) -> dict[str, ChainLoraLayer]:
+        return {
+            name: module
+            for name, module in model.named_modules()
+            if isinstance(module, ChainLoraLayer) and self.adapter_name in module.lora_core
+        }
+
+    def _ties_into_base(self, layers: dict[str, ChainLoraLayer]) -> bool:
+        quantized = [name for name, layer in layers.items() if is_quantized(layer)]
+        if self.schedule.merge == "base" and quantized:
+            raise ValueError(
+                f"cola_merge: base cannot add tied links into quantized weights ({quantized[0]}, ...): rounding "
+                "to 4 or 8 bits would lose them. Use cola_merge: frozen (or auto)."
+            )
+        if self.schedule.merge != "auto":
+            return self.schedule.merge == "base"
+        # only float32 (or wider) weights take a small update without rounding it away
+        return all(layer.get_base_layer().weight.dtype in (torch.float32, torch.float64) for layer in layers.values())
+
+    # ---- training events
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        config = self._config(model)
+        layers = self._layers(model)
+        if config.lora_bias or not config.init_lora_weights:
+            raise ValueError(
+                "COLA needs every new link to start at B = 0 without a bias, so that a knot leaves the model "
+                "unchanged: set init_lora_weights to True or 'gaussian' and lora_bias to False."
+            )
+        self.knot_steps = self.schedule.knot_steps(state.max_steps)
+        self.into_base = self._ties_into_base(layers)
+        tied, done = len(config.cola_tied_ranks or []), sum(step <= state.global_step for step in self.knot_steps)
+        if tied != done:
+            raise ValueError(
+                f"At step {state.global_step} the COLA schedule (knots after steps {self.knot_steps}) has tied "
+                f"{done} links, but the adapter holds {tied}: resume with the cola_* keys of the run that wrote "
+                "the checkpoint, and start a new COLA run from an adapter without tied links."
+            )
+        if self.into_base:
+            # a resumed run: the checkpoint's tied links go back into the base, as the knots put them
+            for layer in layers.values():
+                layer.add_tied_to_base(self.adapter_name)
+        LOG.info(
+            "COLA: %d links, knots after steps %s, tied links %s",
+            self.schedule.links,
+            self.knot_steps,
+            "added into the base weights" if self.into_base else "kept as frozen factors beside the base",
+        )
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step in self.knot_steps:
+            event = self.tie_knot(model, optimizer, state.global_step, args.seed)
+            if self.trainer is not None:
+                should_log = control.should_log
+                self.trainer.log(event)
+                control.should_log = should_log  # logging the event must not swallow this step's loss line
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        factor = self._link_warmup_factor(state.global_step)
+        if factor < 1:
+            self._scheduled_lrs = [group["lr"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["lr"] *= factor
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # the schedule's own LR back before the scheduler steps
+        if self._scheduled_lrs is not None:
+            for group, lr in zip(optimizer.param_groups, self._scheduled_lrs):
+                group["lr"] = lr
+            self._scheduled_lrs = None
+
+    def _link_warmup_factor(self, completed_steps: int) -> float:
+        warmup = self.schedule.link_warmup_steps
+        knots_done = [step for step in self.knot_steps if step <= completed_steps]
+        if not warmup or not knots_done:
+            return 1.0
+        return min(1.0, (completed_steps - knots_done[-1] + 1) / (warmup + 1))
+
+    # ---- the knot
+
+    @torch.no_grad()
+    def tie_knot(self, model, optimizer, step: int, seed: int) -> dict[str, float]:
+        """Tie the current link, start the next one, reset the optimizer state; returns the knot event."""
+        config = self._config(model)
+        layers = self._layers(model)
+        tied_ranks = list(config.cola_tied_ranks or [])
+        new_link = len(tied_ranks) + 1
+        new_rank = self.schedule.ranks[new_link] if self.schedule.ranks else None
+        old_params = [p for layer in layers.values() for p in _link_parameters(layer, self.adapter_name)]
+        squared_norm = 0.0
+        for name, layer in layers.items():
+            squared_norm += layer.tie_link(self.adapter_name, self.into_base)
+            rank = new_rank or layer.r[self.adapter_name]
+            layer.start_new_link(self.adapter_name, config, rank, link_generator(seed, new_link, name))
+        config.cola_tied_ranks = [*tied_ranks, config.r]
+        config.r = new_rank or config.r
+        new_params = [p for layer in layers.values() for p in _link_parameters(layer, self.adapter_name)]
+        if optimizer is not None:
+            replace_parameters(optimizer, old_params, new_params)
+            if self.schedule.reset_optimizer:
+                reset_state(optimizer, new_params)
+        event = {"cola/link": new_link, "cola/knot_step": step, "cola/tied_update_norm": squared_norm**0.5}
+        LOG.info("COLA knot after step %d: link %d tied (update norm %.4g), link %d started at rank %d",
+                 step, new_link, event["cola/tied_update_norm"], new_link + 1, config.r)  # fmt: skip
+        return event
+
+
+def _link_parameters(layer: ChainLoraLayer, adapter: str) -> list[torch.nn.Parameter]:
+    return [p for name in ("lora_A", "lora_B", "lora_core") for p in getattr(layer, name)[adapter].parameters()]
+
+
+def _inner(optimizer) -> torch.optim.Optimizer:
+    # accelerate's AcceleratedOptimizer wraps the optimizer that holds the state
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def replace_parameters(optimizer, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
+    """Point the optimizer's param groups at a link's new tensors (a new rank) and drop the old ones' state."""
+    optimizer = _inner(optimizer)
+    replacement = {id(o): n for o, n in zip(old, new) if o is not n}
+    if not replacement:
+        return
+    for group in optimizer.param_groups:
+        group["params"] = [replacement.get(id(p), p) for p in group["params"]]
+    for param in old:
+        optimizer.state.pop(param, None)
+
+
+def reset_state(optimizer, params: list[torch.Tensor]) -> None:
+    """Give `params` the state a fresh optimizer of the same kind has before its first step.
+
+    Most optimizers (torch's Adam/AdamW/SGD, bitsandbytes' 8-bit and paged ones) create their state
+    lazily when it is empty: the entry is dropped, never masked (bitsandbytes' 8-bit state holds codes
+    whose zero is not a zero value). torch's Adagrad creates it in its constructor, so it gets that.
+    """
+    optimizer = _inner(optimizer)
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    for param in params:
+        optimizer.state.pop(param, None)
+        if isinstance(optimizer, torch.optim.Adagrad) and id(param) in group_of:
+            group = group_of[id(param)]
+            fresh = torch.optim.Adagrad(
+                [param], initial_accumulator_value=group["initial_accumulator_value"], fused=group["fused"]
+            )
+            optimizer.state[param] = fresh.state[param]
