@@ -9,10 +9,12 @@ for plugin adapters (DESIGN.md section 3) before any model is loaded.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from .cola import ColaSchedule, check_cola_schedule
 from .config import SUPPORTED_LORA_INITS, check_chain_dims, check_fused_splits
 
 # under axolotl's logger, whose INFO lines axolotl shows (it hides INFO from other loggers)
@@ -29,6 +31,9 @@ ADAPTER_OF_KEY = {
 }
 # keys for any chain adapter
 CHAIN_KEYS = ("chain_init", "chain_export_lora")
+# COLA runs on these; the plain ones through chain_type "lora"
+COLA_ADAPTERS = ("lora", "qlora", *CHAIN_ADAPTERS)
+COLA_KEYS = ("cola_knots", "cola_ranks", "cola_reset_optimizer", "cola_merge", "cola_link_warmup_steps")
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
 
 
@@ -68,14 +73,49 @@ class ChainLoraArgs(BaseModel):
         "LoRA (A' = T A, same r and alpha) to {output_dir}/plain_lora, for vLLM and other LoRA servers.",
     )
 
+    cola_links: int | None = Field(
+        default=None,
+        description="Chain of LoRA (COLA): the chain length M, so M - 1 knots; 1 (the default) = no COLA. Works "
+        "with adapter: lora, qlora, linchain, moslora and mtlora.",
+    )
+    cola_knots: list[float | int] | None = Field(
+        default=None,
+        description="COLA: the M - 1 knots, strictly increasing; fractions of the run's optimizer steps in (0, 1) "
+        "or optimizer steps. Default evenly spaced.",
+    )
+    cola_ranks: list[int] | None = Field(
+        default=None,
+        description="COLA: the rank of each of the M links (rank step-down), the first = lora_r. Default lora_r "
+        "for all.",
+    )
+    cola_reset_optimizer: bool | None = Field(
+        default=None,
+        description="COLA: give the optimizer fresh state for each new link (default true, as the paper).",
+    )
+    cola_merge: Literal["auto", "base", "frozen"] | None = Field(
+        default=None,
+        description="COLA: where finished links go. base: added into the float base weights; frozen: kept as "
+        "frozen low-rank factors beside the base (exact; needed for 4/8-bit bases); auto (default): base for "
+        "float32 bases, frozen otherwise.",
+    )
+    cola_link_warmup_steps: int | None = Field(
+        default=None,
+        description="COLA: a linear LR warmup over this many steps after each knot, on top of the run's one "
+        "schedule (default 0).",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def validate_chain_adapter(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
         adapter = data.get("adapter")
+        cola = _validate_cola_keys(data, adapter)
         if adapter not in CHAIN_ADAPTERS:
-            _refuse_chain_keys_without_chain_adapter(data, adapter)
+            _refuse_chain_keys_without_chain_adapter(data, adapter, cola)
+            if cola:
+                _turn_off_lora_kernels(data, adapter)
+                _use_legacy_merge(data, adapter)
             return data
         _refuse_keys_of_other_adapters(data, adapter)
         _validate_chain_keys(data, adapter)
@@ -86,8 +126,88 @@ class ChainLoraArgs(BaseModel):
         return data
 
 
-def _refuse_chain_keys_without_chain_adapter(data: dict, adapter: str | None) -> None:
+def uses_cola(cfg) -> bool:
+    return (cfg.get("cola_links") or 1) > 1
+
+
+def cola_schedule(cfg) -> ColaSchedule:
+    """The COLA settings of a YAML dict or a validated cfg."""
+    knots, ranks = cfg.get("cola_knots"), cfg.get("cola_ranks")
+    return ColaSchedule(
+        links=cfg.get("cola_links"),
+        knots=tuple(knots) if knots is not None else None,
+        ranks=tuple(ranks) if ranks is not None else None,
+        merge=cfg.get("cola_merge") or "auto",
+        reset_optimizer=cfg.get("cola_reset_optimizer") is not False,
+        link_warmup_steps=cfg.get("cola_link_warmup_steps") or 0,
+    )
+
+
+def _validate_cola_keys(data: dict, adapter: str | None) -> bool:
+    """Refuse a bad COLA setting; returns whether the config uses COLA."""
+    links = data.get("cola_links")
+    if links is not None and (not isinstance(links, int) or isinstance(links, bool) or links < 1):
+        raise ValueError(f"cola_links={links!r} must be a positive integer (the chain length; 1 = no COLA).")
+    if not uses_cola(data):
+        for key in COLA_KEYS:
+            if data.get(key) is not None:
+                raise ValueError(f"{key} is a COLA key, but cola_links is {links}: set cola_links >= 2 or remove {key}.")
+        return False
+    if adapter not in COLA_ADAPTERS:
+        raise ValueError(f"cola_links needs adapter: one of {', '.join(COLA_ADAPTERS)}, not {adapter!r}.")
+    schedule = cola_schedule(data)
+    check_cola_schedule(schedule, max_steps=data.get("max_steps"))
+    refusals = {
+        "relora": "ReLoRA is another restart scheme; COLA replaces it",
+        "deepspeed": "COLA does not yet reset DeepSpeed's own optimizer and fp32 master copies at a knot",
+        "fsdp": "COLA does not yet re-shard the new link and tie sharded weights at a knot under FSDP",
+        "fsdp_config": "COLA does not yet re-shard the new link and tie sharded weights at a knot under FSDP",
+    }
+    for key, why in refusals.items():
+        if data.get(key):
+            raise ValueError(f"{key} cannot be combined with cola_links: {why}. Remove {key} or cola_links.")
+    if data.get("peft_init_lora_weights") is False:
+        raise ValueError(
+            "peft_init_lora_weights: false starts every link with B != 0, so a knot would change the model: "
+            "remove it (or use true/gaussian) with cola_links."
+        )
+    quantized = data.get("load_in_4bit") or data.get("load_in_8bit")
+    if schedule.merge == "base" and quantized:
+        raise ValueError(
+            "cola_merge: base adds finished links into the base weights, which 4-bit/8-bit rounding would lose: "
+            "use cola_merge: frozen (or auto) with load_in_4bit/load_in_8bit."
+        )
+    if schedule.ranks is not None:
+        _validate_cola_ranks(data, schedule.ranks)
+    return True
+
+
+def _validate_cola_ranks(data: dict, ranks: tuple[int, ...]) -> None:
+    if ranks[0] != data.get("lora_r"):
+        raise ValueError(f"cola_ranks={list(ranks)} must start with lora_r={data.get('lora_r')} (the first link).")
+    if len(set(ranks)) == 1:
+        return
+    conflicts = {
+        "lora_rank_pattern": "gives layers their own ranks",
+        "linchain_dims": "fixes the rank of the chain",
+        "mtlora_fused_splits": "fixes the rank of the fused core",
+    }
+    for key, why in conflicts.items():
+        if data.get(key):
+            raise ValueError(f"cola_ranks steps the rank down, but {key} {why}: remove one of them.")
+    if data.get("linchain_n") not in (None, 3):
+        raise ValueError("cola_ranks steps the rank down, which keeps LinChain's default 3 links: remove linchain_n.")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "cola_ranks steps the rank down, which gives the link new tensors that DistributedDataParallel "
+            "would not synchronise: use one rank for every link (or train on one process)."
+        )
+
+
+def _refuse_chain_keys_without_chain_adapter(data: dict, adapter: str | None, cola: bool) -> None:
     for key in (*ADAPTER_OF_KEY, *CHAIN_KEYS):
+        if key == "chain_export_lora" and cola:
+            continue  # a COLA run on plain LoRA folds its links into one plain LoRA too
         if data.get(key) is not None:
             wanted = ADAPTER_OF_KEY.get(key, " | ".join(CHAIN_ADAPTERS))
             raise ValueError(
@@ -158,7 +278,8 @@ def _turn_off_lora_kernels(data: dict, adapter: str) -> None:
     for key in LORA_KERNELS:
         if data.get(key):
             raise ValueError(
-                f"{key}: true computes plain LoRA (B A x) and would skip the core of adapter: {adapter}: "
+                f"{key}: true computes plain LoRA (B A x) and would skip the core and COLA's tied links of "
+                f"adapter: {adapter}: "
                 f"set {key}: false or remove it."
             )
         data[key] = False
@@ -171,8 +292,9 @@ def _use_legacy_merge(data: dict, adapter: str) -> None:
     # the memory-efficient merge applies B A * s from the safetensors file and would drop the core
     if data.get("merge_method") == "memory_efficient":
         raise ValueError(
-            f"merge_method: memory_efficient merges plain LoRA (B A) from the file and would drop the core of "
-            f"adapter: {adapter}: use merge_method: legacy (the default for chain adapters)."
+            f"merge_method: memory_efficient merges plain LoRA (B A) from the file and would drop the core and "
+            f"COLA's tied links of adapter: {adapter}: use merge_method: legacy (the default for chain adapters "
+            "and COLA)."
         )
     data["merge_method"] = "legacy"
 

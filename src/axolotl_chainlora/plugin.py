@@ -3,11 +3,12 @@
 Thin on purpose: it turns the YAML into a ChainLoraConfig and closes the gaps axolotl
 leaves for plugin adapters (DESIGN.md section 3). axolotl >= 0.21 loads it for every
 config through the `axolotl.plugins` entry point, so every hook does nothing unless
-the config uses a chain adapter.
+the config uses a chain adapter or COLA.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +17,8 @@ from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import TrainerCallback, set_seed
 
-from .args import CHAIN_ADAPTERS, LOG, chain_config_fields
+from .args import CHAIN_ADAPTERS, LOG, LORA_KERNELS, chain_config_fields, cola_schedule, uses_cola
+from .cola import ColaCallback
 from .config import ChainLoraConfig
 from .cores import default_chain_dims
 from .export import ADAPTER_WEIGHTS, fold_to_lora
@@ -28,14 +30,27 @@ def uses_chain_adapter(cfg) -> bool:
     return cfg.adapter in CHAIN_ADAPTERS
 
 
+def builds_adapter(cfg) -> bool:
+    """This plugin builds the adapter of chain adapters and of every COLA run (plain LoRA as chain_type 'lora')."""
+    return uses_chain_adapter(cfg) or uses_cola(cfg)
+
+
 class ChainLoraPlugin(BasePlugin):
-    """LinChain, MoSLoRA and MTLoRA adapters for axolotl."""
+    """LinChain, MoSLoRA and MTLoRA adapters, and Chain of LoRA (COLA) for any of them or plain LoRA, for axolotl."""
 
     def __init__(self):
         super().__init__()
         self._training_ended = False
         # the saved adapter file as it was when training ended (None: absent)
         self._adapter_file_at_train_end: tuple | None = None
+
+    def register(self, cfg):
+        # axolotl turns its LoRA kernels on for lora/qlora before any plugin validator runs, unless the YAML
+        # sets them: a COLA run sets them off here, on the raw YAML, and the validator refuses a true one
+        if isinstance(cfg.get("cola_links"), int) and uses_cola(cfg):
+            for key in LORA_KERNELS:
+                if cfg.get(key) is None:
+                    cfg[key] = False
 
     def get_input_args(self) -> str:
         return "axolotl_chainlora.args.ChainLoraArgs"
@@ -45,6 +60,7 @@ class ChainLoraPlugin(BasePlugin):
         return [AdapterCapabilities(name=name) for name in CHAIN_ADAPTERS]
 
     def post_model_build(self, cfg, model):
+        # axolotl quantizes and prepares lora/qlora bases itself
         if not uses_chain_adapter(cfg) or not (cfg.load_in_4bit or cfg.load_in_8bit):
             return
         _require_quantized_base(cfg, model)
@@ -56,13 +72,13 @@ class ChainLoraPlugin(BasePlugin):
         )
 
     def load_adapter(self, model, cfg, inference: bool = False, config_only: bool = False):
-        if not uses_chain_adapter(cfg):
+        if not builds_adapter(cfg):
             return None
         from axolotl.loaders.adapter import load_lora
 
         # axolotl's own LoraConfig (targets, lora_target_linear, patterns, dropout...) plus the core
         _, lora_config = load_lora(model, cfg, config_only=True)
-        config = ChainLoraConfig.from_lora_config(lora_config, **chain_config_fields(cfg))
+        config = _chain_config(cfg, lora_config)
         if config_only:
             return None, config
         peft_kwargs = {}
@@ -78,15 +94,32 @@ class ChainLoraPlugin(BasePlugin):
         model.print_trainable_parameters()
         return model, config
 
+    def post_lora_load(self, cfg, model):
+        # axolotl builds lora/qlora adapters itself without asking plugins: a COLA run puts the same LoRA
+        # back as chain layers (chain_type 'lora'), which hold the tied links
+        if uses_chain_adapter(cfg) or not uses_cola(cfg) or isinstance(model.peft_config["default"], ChainLoraConfig):
+            return  # (a COLA adapter from lora_model_dir loads as chain layers already)
+        tuner = model.base_model
+        config = _chain_config(cfg, tuner.peft_config["default"])
+        tuner.unload()
+        tuner.peft_config["default"] = config
+        tuner.inject_adapter(tuner.model, "default", autocast_adapter_dtype=cfg.peft_autocast_adapter_dtype is not False)
+        tuner.set_adapter("default")
+        LOG.info("adapter: %s with COLA: LoRA layers rebuilt as chain layers (chain_type 'lora')", cfg.adapter)
+        model.print_trainable_parameters()
+
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
-        if not (uses_chain_adapter(cfg) and cfg.chain_export_lora):
-            return []
-        return [_RecordTrainingEnd(self)]
+        callbacks = []
+        if uses_cola(cfg):
+            callbacks.append(ColaCallback(cola_schedule(cfg), trainer))
+        if builds_adapter(cfg) and cfg.chain_export_lora:
+            callbacks.append(_RecordTrainingEnd(self))
+        return callbacks
 
     def post_train(self, cfg, model):
         # axolotl calls this right after training and again once the final adapter is saved:
         # fold when the adapter file has been written since training ended
-        if not (uses_chain_adapter(cfg) and cfg.chain_export_lora and self._training_ended):
+        if not (builds_adapter(cfg) and cfg.chain_export_lora and self._training_ended):
             return
         adapter_weights = Path(cfg.output_dir) / ADAPTER_WEIGHTS
         if not adapter_weights.is_file() or _file_version(adapter_weights) == self._adapter_file_at_train_end:
@@ -127,6 +160,28 @@ def _require_quantized_base(cfg, model) -> None:
         )
 
 
+def _chain_config(cfg, lora_config) -> ChainLoraConfig:
+    """axolotl's LoraConfig plus the core (chain_type 'lora', none, for a COLA run on plain LoRA)."""
+    fields = chain_config_fields(cfg) if uses_chain_adapter(cfg) else {"chain_type": "lora"}
+    if uses_cola(cfg) and not cfg.lora_model_dir:
+        fields.update(_links_of_resumed_checkpoint(cfg))
+    return ChainLoraConfig.from_lora_config(lora_config, **fields)
+
+
+def _links_of_resumed_checkpoint(cfg) -> dict:
+    """The rank and tied links of the COLA checkpoint this run will resume from, so that the adapter is built
+    in its shape before the trainer loads it (axolotl picks the checkpoint only after building the model)."""
+    checkpoint = cfg.resume_from_checkpoint
+    if not checkpoint and cfg.auto_resume_from_checkpoints:
+        numbered = [p for p in Path(cfg.output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        checkpoint = max(numbered, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    saved_config = Path(checkpoint or "") / "adapter_config.json"
+    if not checkpoint or not saved_config.is_file():
+        return {}
+    saved = json.loads(saved_config.read_text())
+    return {"r": saved["r"], "cola_tied_ranks": saved.get("cola_tied_ranks")}
+
+
 def _require_same_chain(cfg, config: ChainLoraConfig, saved) -> None:
     """lora_model_dir must hold the adapter this YAML describes, not plain LoRA or another core."""
     if not isinstance(saved, ChainLoraConfig):
@@ -134,7 +189,9 @@ def _require_same_chain(cfg, config: ChainLoraConfig, saved) -> None:
             f"lora_model_dir={cfg.lora_model_dir} holds a {type(saved).__name__} adapter, not adapter: "
             f"{cfg.adapter}: point lora_model_dir at a chain adapter or change adapter."
         )
-    for field in ("r", "lora_alpha", "use_rslora", "chain_type", "chain_dims", "chain_fused_splits"):
+    # a COLA run's last link has the last of cola_ranks
+    fields = ("lora_alpha", "use_rslora", "chain_type", "chain_dims", "chain_fused_splits")
+    for field in fields if uses_cola(cfg) else ("r", *fields):
         saved_value, wanted = _chain_setting(saved, field), _chain_setting(config, field)
         if saved_value != wanted:
             raise ValueError(
