@@ -193,9 +193,12 @@ class ChainLoraLayer:
     def tie_link(self, adapter: str, into_base: bool) -> float:
         """Append the current link's update to the tied links, and add it to the base weight when `into_base`.
         Returns the squared Frobenius norm of the tied update."""
+        if not into_base and adapter in self.tied_in_base:
+            raise ValueError(f"The tied links of adapter '{adapter}' are in the base weight: tie the next one there too.")
         B, A = self.link_factors(adapter)
         dtype = self.lora_A[adapter].weight.dtype
-        A, B = A.to(dtype), B.to(dtype)
+        # copies: A' = A itself when there is no core, and the new link is drawn into A in place
+        A, B = A.to(dtype, copy=True), B.to(dtype, copy=True)
         if adapter in self.lora_tied_A:
             A = torch.cat([self.lora_tied_A[adapter].weight, A], dim=0)
             B = torch.cat([self.lora_tied_B[adapter].weight, B], dim=1)
@@ -203,7 +206,8 @@ class ChainLoraLayer:
         self.lora_tied_B[adapter] = TiedFactor(B)
         rows = B.shape[1] - self.lora_A[adapter].weight.shape[0]
         if into_base:
-            self.add_tied_to_base(adapter, rows)
+            # earlier links kept beside the base go in with this one
+            self.add_tied_to_base(adapter, rows if adapter in self.tied_in_base else 0)
         new_B, new_A = B[:, rows:].double(), A[rows:].double()
         # ||B A||_F^2 = <B^T B, A A^T>: two small products instead of the out x in matrix
         return (new_B.T @ new_B * (new_A @ new_A.T)).sum().item()

@@ -1,0 +1,351 @@
+"""Chain of LoRA (COLA): knots, tied links, new links, optimizer reset, rank step-down, saving and export.
+
+The expected values come from outside the code under test: the logits just before a knot,
+float64 sums of every link's s B T A written out here from the papers' formula (with the
+reference core of conftest), plain PEFT loading the folded export, and a fresh optimizer of
+the same class taking the same step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, randomize_adapters, reference_core, tiny_gpt2, tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import BitsAndBytesConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from axolotl_chainlora import ChainLoraConfig, fold_to_lora
+from axolotl_chainlora.cola import ColaCallback, ColaSchedule
+from axolotl_chainlora.layer import ChainLoraLayer
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+CHAIN_TYPES = ["lora", "linchain", "moslora", "mtlora_icfm", "mtlora_dtsm"]
+
+
+def chain_model(chain_type: str = "linchain", base=None, **config) -> PeftModel:
+    config = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "chain_type": chain_type, **config}
+    return get_peft_model(base if base is not None else tiny_llama(), ChainLoraConfig(**config))
+
+
+def layers(model) -> dict[str, ChainLoraLayer]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, ChainLoraLayer)}
+
+
+@torch.no_grad()
+def logits(model, input_ids) -> torch.Tensor:
+    return model(input_ids=input_ids).logits.float()
+
+
+def knot(model, merge: str, optimizer=None, step: int = 1, ranks=None) -> ColaCallback:
+    """Tie one knot the way the trainer does, on a callback set up for `merge`."""
+    callback = ColaCallback(ColaSchedule(links=3, merge=merge, ranks=ranks))
+    callback.into_base = callback._ties_into_base(callback._layers(model))
+    callback.tie_knot(model, optimizer, step=step, seed=0)
+    return callback
+
+
+def link_deltas(model, chain_type: str) -> dict[str, torch.Tensor]:
+    """Each layer's current link s B T A in float64, from its tensors and the papers' formula."""
+    deltas = {}
+    for name, layer in layers(model).items():
+        A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+        core = layer.lora_core["default"].factors()
+        T = reference_core(chain_type, core) if chain_type != "lora" else torch.eye(A.shape[0], dtype=A.dtype)
+        deltas[name] = layer.scaling["default"] * B @ T @ A
+    return deltas
+
+
+# ---------------------------------------------------------------- a knot keeps the model's function
+
+
+@pytest.mark.parametrize("merge", ["base", "frozen"])
+@pytest.mark.parametrize("chain_type", CHAIN_TYPES)
+def test_knot_leaves_the_logits_unchanged_and_starts_a_fresh_link(chain_type, merge, input_ids):
+    model = chain_model(chain_type).eval()
+    randomize_adapters(model)
+    before = logits(model, input_ids)
+    assert (before - logits(tiny_llama(), input_ids)).abs().max() > 1e-2  # the link matters
+    old_A = {name: layer.lora_A["default"].weight.clone() for name, layer in layers(model).items()}
+    knot(model, merge)
+    after = logits(model, input_ids)
+    diff = (after - before).abs().max().item()
+    print(f"{chain_type} {merge}: logits across a knot, float32: max abs diff {diff:.2e}")
+    assert diff <= 1e-5
+    for name, layer in layers(model).items():
+        assert layer.lora_B["default"].weight.abs().max() == 0, name  # the new link starts at B = 0
+        assert not torch.equal(layer.lora_A["default"].weight, old_A[name]), name  # with a new A
+        assert (name in [n for n, lay in layers(model).items() if "default" in lay.tied_in_base]) == (merge == "base")
+    assert model.peft_config["default"].cola_tied_ranks == [4]
+
+
+def test_base_merge_changes_the_base_weights_and_frozen_keeps_them(input_ids):
+    for merge in ("base", "frozen"):
+        model = chain_model().eval()
+        randomize_adapters(model)
+        expected = link_deltas(model, "linchain")
+        base_before = {name: layer.get_base_layer().weight.clone() for name, layer in layers(model).items()}
+        knot(model, merge)
+        for name, layer in layers(model).items():
+            change = layer.get_base_layer().weight.double() - base_before[name].double()
+            if merge == "base":
+                torch.testing.assert_close(change, expected[name], atol=1e-6, rtol=0)
+            else:
+                assert torch.equal(layer.get_base_layer().weight, base_before[name])
+                tied = layer.lora_tied_B["default"].weight.double() @ layer.lora_tied_A["default"].weight.double()
+                torch.testing.assert_close(tied, expected[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("merge", ["base", "frozen"])
+def test_fused_qkv_knot_is_exact(merge, input_ids):
+    model = get_peft_model(
+        tiny_gpt2(),
+        ChainLoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                        chain_type="mtlora_icfm", chain_fused_splits={"c_attn": 3}),
+    ).eval()  # fmt: skip
+    randomize_adapters(model)
+    before = logits(model, input_ids)
+    knot(model, merge)
+    assert (logits(model, input_ids) - before).abs().max() <= 1e-5
+
+
+def test_links_kept_frozen_go_into_the_base_with_a_later_base_tie(input_ids):
+    model = chain_model().eval()
+    randomize_adapters(model)
+    before = logits(model, input_ids)
+    knot(model, "frozen")
+    randomize_adapters(model, seed=4)  # a trained second link
+    second = logits(model, input_ids)
+    assert (second - before).abs().max() > 1e-2
+    knot(model, "base")
+    assert (logits(model, input_ids) - second).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="are in the base weight: tie the next one there too"):
+        knot(model, "frozen")
+
+
+def test_bf16_base_loses_part_of_the_update_when_merged_and_auto_keeps_it_frozen(input_ids):
+    """The measured reason `cola_merge: auto` keeps the links of a bf16 base frozen beside it."""
+    diffs = {}
+    for merge in ("base", "frozen", "auto"):
+        model = chain_model(base=tiny_llama().to(torch.bfloat16)).eval()
+        randomize_adapters(model, seed=5)
+        with torch.no_grad():  # an update ~1% of the weights, as after some training
+            for layer in layers(model).values():
+                layer.lora_B["default"].weight.mul_(0.02)
+        before = logits(model, input_ids)
+        callback = knot(model, merge)
+        diffs[merge] = (logits(model, input_ids) - before).abs().max().item()
+        assert callback.into_base == (merge == "base")
+    print(f"bf16 base, logits across a knot: base merge {diffs['base']:.3e}, frozen {diffs['frozen']:.3e}")
+    assert diffs["frozen"] == 0.0
+    assert diffs["base"] > 1e-3
+
+
+def test_4bit_base_ties_frozen_and_refuses_base(tmp_path, input_ids):
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    tiny_llama(hidden_size=64).save_pretrained(tmp_path)  # bitsandbytes' 4-bit blocks need 64 inputs
+    base = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization)
+    model = chain_model(base=base).eval()
+    randomize_adapters(model)
+    before = logits(model, input_ids)
+    callback = knot(model, "auto")
+    assert callback.into_base is False
+    diff = (logits(model, input_ids) - before).abs().max().item()
+    print(f"4-bit NF4 base, frozen tie: logits across a knot max abs diff {diff:.2e}")
+    assert diff <= 1e-5
+    with pytest.raises(ValueError, match="cola_merge: base cannot add tied links into quantized weights"):
+        knot(model, "base")
+
+
+# ---------------------------------------------------------------- every link is kept, saved and exported
+
+
+def train_with_cola(tmp_path, chain_type: str, schedule: ColaSchedule, record=None, steps: int = 9, **config):
+    model = chain_model(chain_type, **config)
+    ids = torch.randint(0, VOCAB, (64, 10), generator=torch.Generator().manual_seed(0))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(
+        str(tmp_path / "trainer"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
+        lr_scheduler_type="constant", report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    trainer.add_callback(ColaCallback(schedule, trainer))
+    if record is not None:
+        trainer.add_callback(record)
+    trainer.train()
+    return model.eval(), trainer
+
+
+class RecordLinks(TrainerCallback):
+    """Keeps each link's float64 s B T A as it is tied (after the knot step's update), and every step's LR."""
+
+    def __init__(self, chain_type: str, knot_steps: list[int]):
+        self.chain_type, self.knot_steps = chain_type, knot_steps
+        self.links: list[dict[str, torch.Tensor]] = []
+        self.lrs: list[float] = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 in self.knot_steps:  # this step ends in a knot
+            self.links.append(link_deltas(model, self.chain_type))
+
+
+@pytest.mark.parametrize("chain_type", ["lora", "mtlora_ctcm"])
+def test_saved_adapter_holds_every_link_and_folds_to_plain_lora(tmp_path, chain_type, input_ids):
+    record = RecordLinks(chain_type, [3, 6])
+    model, _ = train_with_cola(tmp_path, chain_type, ColaSchedule(links=3, knots=(3, 6), merge="frozen"), record)
+    final = link_deltas(model, chain_type)
+    assert len(record.links) == 2
+    model.save_pretrained(tmp_path / "adapter")
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
+    assert reloaded.peft_config["default"].cola_tied_ranks == [4, 4]
+    merged = reloaded.merge_and_unload()
+    base = tiny_llama()
+    for name in layers(model):
+        module = name.removeprefix("base_model.model.")
+        assert saved[f"{name}.lora_tied_A.weight"].shape[0] == 8  # both tied links, rank 4 each
+        # the whole update: tied link 1 + tied link 2 + the current link, summed here in float64
+        expected = record.links[0][name] + record.links[1][name] + final[name]
+        got = merged.get_submodule(module).weight.double() - base.get_submodule(module).weight.double()
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=0, msg=name)
+
+    fold_to_lora(tmp_path / "adapter", tmp_path / "plain")
+    plain = PeftModel.from_pretrained(tiny_llama(), tmp_path / "plain").eval()
+    assert type(plain.peft_config["default"]) is LoraConfig and plain.peft_config["default"].r == 12
+    assert not plain.peft_config["default"].rank_pattern
+    diff = (logits(plain, input_ids) - logits(model, input_ids)).abs().max().item()
+    print(f"{chain_type}: plain-LoRA fold of rank 12 (3 links) vs the trained model: {diff:.2e}")
+    assert diff <= 1e-5
+    assert (logits(reloaded, input_ids) - logits(model, input_ids)).abs().max() <= 1e-5
+
+
+def test_rank_step_down_gives_new_tensors_to_the_optimizer(tmp_path, input_ids):
+    schedule = ColaSchedule(links=3, knots=(3, 6), ranks=(4, 2, 2), merge="base")
+    model, trainer = train_with_cola(tmp_path, "linchain", schedule)
+    config = model.peft_config["default"]
+    assert (config.r, config.cola_tied_ranks) == (2, [4, 2])
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert trainable == in_optimizer  # the optimizer trains exactly the current link
+    for name, layer in layers(model).items():
+        assert layer.lora_A["default"].weight.shape[0] == 2 and layer.scaling["default"] == 8 / 2, name
+        assert [f.shape for f in layer.lora_core["default"].factors()] == [(2, 2)] * 3, name
+        assert layer.lora_B["default"].weight.abs().max() > 0, name  # the last link trained
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
+    # base merge in training, tied factors on reload: the same function
+    assert (logits(reloaded, input_ids) - logits(model, input_ids)).abs().max() <= 1e-5
+
+
+def test_link_warmup_ramps_the_lr_after_each_knot(tmp_path):
+    record = RecordLinks("linchain", [3, 6])
+    schedule = ColaSchedule(links=3, knots=(3, 6), link_warmup_steps=2)
+    train_with_cola(tmp_path, "linchain", schedule, record)
+    # constant LR 1e-2: steps 4-5 and 7-8 warm up (1/3, 2/3), everything else at the schedule's LR
+    expected = [1e-2] * 3 + [1e-2 / 3, 2e-2 / 3] + [1e-2] + [1e-2 / 3, 2e-2 / 3] + [1e-2]
+    # RecordLinks runs after ColaCallback: it sees the LR the optimizer steps with
+    assert record.lrs == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------- optimizer reset
+
+
+def bnb_optimizer(name):
+    import bitsandbytes as bnb
+
+    return lambda params, lr: getattr(bnb.optim, name)(params, lr=lr, min_8bit_size=16)
+
+
+OPTIMIZERS = {
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr),
+    "sgd-momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+    "adagrad": lambda params, lr: torch.optim.Adagrad(params, lr=lr, initial_accumulator_value=0.1),
+    "bnb-adamw8bit": bnb_optimizer("AdamW8bit"),
+    "bnb-paged-adamw": bnb_optimizer("PagedAdamW"),
+}
+
+
+def set_grads(params, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for param in params:
+        param.grad = torch.randn(param.shape, generator=generator)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_first_update_after_a_knot_equals_a_fresh_optimizers(name):
+    make = OPTIMIZERS[name]
+    model = chain_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make(params, 1e-2)
+    for step in range(3):  # state to reset
+        set_grads(params, step)
+        optimizer.step()
+    assert any(optimizer.state[p] for p in params)
+    knot(model, "frozen", optimizer)
+    assert all(not optimizer.state[p] or name == "adagrad" for p in params)
+
+    fresh_params = [p.detach().clone().requires_grad_() for p in params]
+    fresh = make(fresh_params, 1e-2)
+    set_grads(params, 99)
+    set_grads(fresh_params, 99)
+    optimizer.step()
+    fresh.step()
+    for param, expected in zip(params, fresh_params):
+        assert torch.equal(param, expected)
+
+
+def test_cola_refuses_an_adapter_whose_new_links_would_not_start_at_zero(tmp_path):
+    with pytest.raises(ValueError, match="every new link to start at B = 0"):
+        train_with_cola(tmp_path, "linchain", ColaSchedule(links=2), init_lora_weights=False)
+
+
+def test_resume_with_other_knots_is_refused(tmp_path):
+    model = chain_model()
+    knot(model, "frozen")  # one tied link, as a checkpoint after the first knot holds
+    callback = ColaCallback(ColaSchedule(links=3, knots=(5, 8)))
+
+    class State:
+        max_steps, global_step = 10, 4
+
+    with pytest.raises(ValueError, match=r"has tied 0 links, but the adapter holds 1"):
+        callback.on_train_begin(None, State(), None, model=model)
+    State.global_step = 9
+    with pytest.raises(ValueError, match=r"has tied 2 links, but the adapter holds 1"):
+        callback.on_train_begin(None, State(), None, model=model)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"links": 0}, r"cola_links=0 must be a positive integer"),
+        ({"links": 3, "knots": (0.5,)}, r"cola_knots=\[0.5\] has 1 knots, but cola_links=3 needs 2"),
+        ({"links": 3, "knots": (0.8, 0.5)}, r"must be strictly increasing"),
+        ({"links": 3, "knots": (0.5, 0.5)}, r"must be strictly increasing"),
+        ({"links": 3, "knots": (0.5, 1.0)}, r"all fractions of the run strictly between 0 and 1"),
+        ({"links": 3, "knots": (0, 5)}, r"all fractions of the run strictly between 0 and 1"),
+        ({"links": 3, "knots": (0.5, 5)}, r"all fractions of the run strictly between 0 and 1"),
+        ({"links": 3, "knots": (True, 5)}, r"all fractions of the run strictly between 0 and 1"),
+        ({"links": 3, "ranks": (8, 4)}, r"cola_ranks=\[8, 4\] must be 3 positive integers"),
+        ({"links": 2, "ranks": (8, 0)}, r"cola_ranks=\[8, 0\] must be 2 positive integers"),
+        ({"links": 2, "ranks": (8, 4), "reset_optimizer": False}, r"set cola_reset_optimizer: true"),
+        ({"links": 2, "merge": "disk"}, r"cola_merge='disk' must be one of auto, base, frozen"),
+        ({"links": 2, "link_warmup_steps": -1}, r"cola_link_warmup_steps=-1 must be an integer >= 0"),
+    ],
+)
+def test_bad_schedules_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ColaSchedule(**settings)
+
+
+def test_knot_steps_are_checked_against_the_run():
+    assert ColaSchedule(links=2).knot_steps(5) == [3]  # 5 epochs, 2 links: epochs 1-3, then 4-5 (the paper)
+    assert ColaSchedule(links=3, knots=(0.5, 0.8)).knot_steps(10) == [5, 8]
+    assert ColaSchedule(links=3, knots=(4, 8)).knot_steps(10) == [4, 8]
+    with pytest.raises(ValueError, match=r"cola_knots=\[4, 10\] gives knot steps \[4, 10\] for a run of 10 steps"):
+        ColaSchedule(links=3, knots=(4, 10)).knot_steps(10)
+    with pytest.raises(ValueError, match=r"knot steps \[1, 1\] for a run of 2 steps"):
+        ColaSchedule(links=3, knots=(0.3, 0.4)).knot_steps(2)
