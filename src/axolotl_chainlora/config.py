@@ -136,9 +136,10 @@ class ChainLoraConfig(LoraConfig):
                 )
 
     @classmethod
-    def from_lora_config(cls, lora_config: LoraConfig, **chain_fields) -> ChainLoraConfig:
-        """A chain config with every LoraConfig setting of `lora_config` (targets, r, alpha, dropout...)."""
-        return cls(**_lora_fields(lora_config), **chain_fields)
+    def from_lora_config(cls, lora_config: LoraConfig, **fields) -> ChainLoraConfig:
+        """A chain config with every LoraConfig setting of `lora_config` (targets, r, alpha, dropout...);
+        `fields` adds the chain fields and may override a LoRA one (COLA resumes at its link's r)."""
+        return cls(**{**_lora_fields(lora_config), **fields})
 
     def to_lora_config(self) -> LoraConfig:
         """The plain LoraConfig of this adapter's LoRA settings, without the core."""

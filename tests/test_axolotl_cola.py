@@ -1,0 +1,127 @@
+"""COLA through the real `axolotl` CLI on the demo's tiny Llama: train with knots, resume across a knot,
+export and merge, a 4-bit base, and a bad schedule refused before any model loads.
+
+Runtime on a 2-core CPU: about 2 minutes; independent runs go two at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file
+from test_axolotl_e2e import load_base, logits_of, output_of, require_success, run_all, write_config
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import axolotl_chainlora  # noqa: F401  registers LORA_CHAIN with PEFT
+from axolotl_chainlora.demo import alpaca_text, demo_records, prepare_demo
+
+COLA = {"cola_links": 3, "cola_knots": [4, 8], "cola_ranks": [8, 4, 4], "max_steps": 12}
+RUNS = {
+    # plain LoRA, rank step-down, float32 base (auto: tied links go into the base), checkpoints every 3 steps
+    "lora": {"adapter": "lora", **COLA, "save_strategy": "steps", "save_steps": 3, "chain_export_lora": True},
+    "linchain": {"adapter": "linchain", "cola_links": 2, "cola_merge": "frozen", "max_steps": 8},
+    "qlora": {"adapter": "qlora", "load_in_4bit": True, "cola_links": 2, "max_steps": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    path = tmp_path_factory.mktemp("axolotl-cola")
+    prepare_demo(path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_CACHE", str(path / "hf-datasets-cache"))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def trained(workspace):
+    configs = {name: write_config(workspace, name, **changes) for name, changes in RUNS.items()}
+    bad = write_config(workspace, "bad-knots", adapter="lora", cola_links=3, cola_knots=[0.5])
+    jobs = {f"train-{name}": ["train", config] for name, config in configs.items()}
+    jobs["train-bad-knots"] = ["train", bad]
+    return run_all(workspace, jobs)
+
+
+@pytest.fixture(scope="module")
+def after_training(workspace, trained):
+    """The run resumed from checkpoint-6 (between the knots) and merge-lora of the plain-LoRA COLA run."""
+    require_success(trained["train-lora"], "axolotl train (lora + COLA)")
+    resumed = write_config(
+        workspace, "resumed", **RUNS["lora"], resume_from_checkpoint=str(workspace / "out-lora" / "checkpoint-6")
+    )
+    return run_all(workspace, {"train-resumed": ["train", resumed], "merge-lora": ["merge-lora", "lora.yml"]})
+
+
+@pytest.fixture(scope="module")
+def probe(workspace):
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "base")
+    return dict(tokenizer([alpaca_text(r) for r in demo_records(count=4, seed=7)], return_tensors="pt", padding=True))
+
+
+def test_knots_are_tied_logged_and_every_link_is_saved(workspace, trained):
+    log = output_of(trained["train-lora"])
+    for link, step in ((1, 4), (2, 8)):
+        assert re.search(rf"'cola/link': {link}, 'cola/knot_step': {step}, 'cola/tied_update_norm': '[0-9.e-]+'", log)
+    assert "tied links added into the base weights" in log
+    assert len(re.findall(r"\{'loss': ", log)) == 12  # the knot events did not replace a step's loss line
+    out = workspace / "out-lora"
+    for directory, tied in ((out, [8, 4]), (out / "checkpoint-6", [8]), (out / "checkpoint-3", None)):
+        saved = json.loads((directory / "adapter_config.json").read_text())
+        assert saved["peft_type"] == "LORA_CHAIN" and saved["chain_type"] == "lora"
+        assert saved.get("cola_tied_ranks") == tied, directory
+        tensors = load_file(directory / "adapter_model.safetensors")
+        tied_A = [key for key in tensors if ".lora_tied_A." in key]
+        assert len(tied_A) == (14 if tied else 0), directory  # 7 projections x 2 layers
+        assert all(tensors[key].shape[0] == sum(tied) for key in tied_A), directory
+    final = load_file(out / "adapter_model.safetensors")
+    assert all(final[key].shape[0] == 4 for key in final if key.endswith(".lora_A.weight"))  # the last link, rank 4
+
+
+def test_resume_between_knots_matches_the_uninterrupted_run(workspace, after_training):
+    require_success(after_training["train-resumed"], "axolotl train resumed from checkpoint-6")
+    whole = load_file(workspace / "out-lora" / "adapter_model.safetensors")
+    resumed = load_file(workspace / "out-resumed" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], atol=1e-6, rtol=0, msg=key)
+    assert "'cola/link': 2, 'cola/knot_step': 8" in output_of(after_training["train-resumed"])
+
+
+def test_export_and_merge_equal_the_cola_adapter(workspace, after_training, probe):
+    chain = PeftModel.from_pretrained(load_base(workspace), workspace / "out-lora").eval()
+    chain_logits = logits_of(chain, probe)
+    assert (chain_logits - logits_of(load_base(workspace), probe)).abs().max() > 1e-2
+
+    plain = PeftModel.from_pretrained(load_base(workspace), workspace / "out-lora" / "plain_lora").eval()
+    assert type(plain.peft_config["default"]) is LoraConfig and plain.peft_config["default"].r == 16  # 8 + 4 + 4
+    fold_diff = (logits_of(plain, probe) - chain_logits).abs().max().item()
+
+    require_success(after_training["merge-lora"], "axolotl merge-lora (lora + COLA)")
+    merged = AutoModelForCausalLM.from_pretrained(workspace / "out-lora" / "merged", dtype=torch.float32).eval()
+    merge_diff = (logits_of(merged, probe) - chain_logits).abs().max().item()
+    print(f"COLA (3 links): plain-LoRA fold {fold_diff:.2e}, merge-lora {merge_diff:.2e} vs the adapter")
+    assert fold_diff <= 1e-5 and merge_diff <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["linchain", "qlora"])
+def test_cola_on_a_chain_adapter_and_on_a_4bit_base(workspace, trained, name):
+    result = trained[f"train-{name}"]
+    require_success(result, f"axolotl train ({name} + COLA)")
+    assert "'cola/link': 1, 'cola/knot_step': 4" in output_of(result)
+    assert "tied links kept as frozen factors beside the base" in output_of(result)
+    saved = json.loads((workspace / f"out-{name}" / "adapter_config.json").read_text())
+    assert saved["cola_tied_ranks"] == [8]
+    assert saved["chain_type"] == ("linchain" if name == "linchain" else "lora")
+
+
+def test_bad_schedule_fails_before_any_model_loads(workspace, trained):
+    result = trained["train-bad-knots"]
+    output = output_of(result)
+    assert result.returncode != 0
+    assert "cola_knots=[0.5] has 1 knots, but cola_links=3 needs 2" in output, output[-3000:]
+    for sign in ("Loading weights", "found linear modules", "trainable params"):
+        assert sign not in output, sign
