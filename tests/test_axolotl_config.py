@@ -601,3 +601,53 @@ def test_shipped_demo_config_validates(demo_dir, monkeypatch):
     assert all(cfg[kernel] is False for kernel in KERNELS)
     assert len(chain_plugins()) == 1
     assert chain_config_fields(cfg) == {"chain_type": "linchain", "chain_init": "kaiming"}
+
+
+# ---------------------------------------------------------------- COLA keys
+
+COLA = {"adapter": "lora", "cola_links": 3}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "patterns"),
+    [
+        pytest.param({"cola_knots": [0.5]}, [r"cola_knots=\[0\.5\] has 1 knots, but cola_links=3 needs 2"], id="knot-count"),
+        pytest.param({"cola_knots": [0.8, 0.5]}, [r"cola_knots=\[0\.8, 0\.5\] must be strictly increasing"], id="decreasing"),
+        pytest.param({"cola_knots": [0.5, 1.5]}, [r"all fractions of the run strictly between 0 and 1"], id="past-one"),
+        pytest.param({"cola_knots": [20, 80], "max_steps": 60}, [r"every knot step must be below max_steps=60"], id="past-end"),
+        pytest.param({"cola_ranks": [8, 4]}, [r"cola_ranks=\[8, 4\] must be 3 positive integers"], id="rank-count"),
+        pytest.param({"cola_ranks": [8, 0, 4]}, [r"cola_ranks=\[8, 0, 4\] must be 3 positive integers"], id="rank-zero"),
+        pytest.param({"cola_ranks": [16, 8, 8]}, [r"cola_ranks=\[16, 8, 8\] must start with lora_r=8"], id="rank-first"),
+        pytest.param({"cola_merge": "base", "load_in_4bit": True, "adapter": "qlora"},
+                     [r"cola_merge: base adds finished links into the base weights", r"use cola_merge: frozen"], id="base-4bit"),
+        pytest.param({"relora": True}, [r"relora cannot be combined with cola_links"], id="relora"),
+        pytest.param({"deepspeed": "zero3.json"}, [r"deepspeed cannot be combined with cola_links", r"fp32 master"], id="deepspeed"),
+        pytest.param({"adapter": "llama-adapter"}, [r"cola_links needs adapter: one of lora, qlora"], id="adapter"),
+        pytest.param({"cola_links": 1, "cola_knots": [0.5]}, [r"cola_knots is a COLA key, but cola_links is 1"], id="no-cola"),
+        pytest.param({"cola_links": 0}, [r"cola_links=0 must be a positive integer"], id="links-zero"),
+        pytest.param({"peft_init_lora_weights": False}, [r"peft_init_lora_weights: false starts every link with B != 0"], id="init-false"),
+        pytest.param({"lora_mlp_kernel": True}, [r"lora_mlp_kernel: true computes plain LoRA", r"COLA's tied links"], id="kernel"),
+        pytest.param({"merge_method": "memory_efficient"}, [r"merge_method: memory_efficient merges plain LoRA"], id="memeff"),
+        pytest.param({"adapter": "linchain", "cola_ranks": [8, 4, 4], "linchain_dims": [8, 16, 8]},
+                     [r"cola_ranks steps the rank down, but linchain_dims fixes the rank"], id="ranks-dims"),
+    ],
+)  # fmt: skip
+def test_bad_cola_keys_are_refused(tmp_path, base_yaml, overrides, patterns):
+    refused(tmp_path, base_yaml, patterns, **{**COLA, **overrides})
+
+
+def test_rank_step_down_is_refused_under_ddp(tmp_path, base_yaml, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    refused(tmp_path, base_yaml, [r"DistributedDataParallel would not synchronise"], **COLA, cola_ranks=[8, 4, 4])
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora", "linchain"])
+def test_cola_cfg_validates_with_kernels_off_and_legacy_merge(tmp_path, base_yaml, adapter):
+    extra = {"load_in_4bit": True} if adapter == "qlora" else {}
+    settings = {"cola_knots": [0.5, 0.8], "cola_ranks": [8, 4, 4], "cola_merge": "frozen",
+                "cola_link_warmup_steps": 5, "cola_reset_optimizer": True}  # fmt: skip
+    cfg = load(tmp_path, base_yaml, **{**COLA, "adapter": adapter, **settings, **extra})
+    assert (cfg.cola_links, cfg.cola_knots, cfg.cola_ranks) == (3, [0.5, 0.8], [8, 4, 4])
+    assert (cfg.cola_merge, cfg.cola_link_warmup_steps, cfg.cola_reset_optimizer) == ("frozen", 5, True)
+    assert cfg.merge_method == "legacy"
+    assert not any(cfg.get(kernel) for kernel in KERNELS)
