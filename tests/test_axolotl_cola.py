@@ -13,11 +13,19 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
-from test_axolotl_e2e import load_base, logits_of, output_of, require_success, run_all, write_config
+from test_axolotl_e2e import (  # noqa: F401  workspace: the demo's model and data, one per module
+    load_base,
+    logits_of,
+    output_of,
+    require_success,
+    run_all,
+    workspace,
+    write_config,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import axolotl_chainlora  # noqa: F401  registers LORA_CHAIN with PEFT
-from axolotl_chainlora.demo import alpaca_text, demo_records, prepare_demo
+from axolotl_chainlora.demo import alpaca_text, demo_records
 
 COLA = {"cola_links": 3, "cola_knots": [4, 8], "cola_ranks": [8, 4, 4], "max_steps": 12}
 RUNS = {
@@ -26,15 +34,6 @@ RUNS = {
     "linchain": {"adapter": "linchain", "cola_links": 2, "cola_merge": "frozen", "max_steps": 8},
     "qlora": {"adapter": "qlora", "load_in_4bit": True, "cola_links": 2, "max_steps": 8},
 }
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    path = tmp_path_factory.mktemp("axolotl-cola")
-    prepare_demo(path)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_DATASETS_CACHE", str(path / "hf-datasets-cache"))
-        yield path
 
 
 @pytest.fixture(scope="module")

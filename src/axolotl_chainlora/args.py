@@ -163,9 +163,7 @@ def _validate_cola_keys(data: dict, adapter: str | None) -> bool:
         "fsdp": "COLA does not yet re-shard the new link and tie sharded weights at a knot under FSDP",
         "fsdp_config": "COLA does not yet re-shard the new link and tie sharded weights at a knot under FSDP",
     }
-    for key, why in refusals.items():
-        if data.get(key):
-            raise ValueError(f"{key} cannot be combined with cola_links: {why}. Remove {key} or cola_links.")
+    _refuse(data, refusals, "cola_links")
     if data.get("peft_init_lora_weights") is False:
         raise ValueError(
             "peft_init_lora_weights: false starts every link with B != 0, so a knot would change the model: "
@@ -249,6 +247,13 @@ def _validate_chain_keys(data: dict, adapter: str) -> None:
         check_fused_splits(data["mtlora_fused_splits"], key="mtlora_fused_splits")
 
 
+def _refuse(data: dict, refusals: dict[str, str], setting: str) -> None:
+    """Refuse each key of `refusals` that is set, with its reason."""
+    for key, why in refusals.items():
+        if data.get(key):
+            raise ValueError(f"{key} cannot be used with {setting}: {why}. Remove {key}.")
+
+
 def _refuse_what_assumes_no_core(data: dict, adapter: str) -> None:
     """Combinations whose math or machinery assumes plain LoRA (no core between A and B)."""
     refusals = {
@@ -258,9 +263,7 @@ def _refuse_what_assumes_no_core(data: dict, adapter: str) -> None:
         "lora_target_parameters": "LoRA on raw nn.Parameters is not supported by chain adapters; target modules",
         "flash_attn_fuse_mlp": "the fused MLP bypasses the adapted layers",
     }
-    for key, why in refusals.items():
-        if data.get(key):
-            raise ValueError(f"{key} cannot be used with adapter: {adapter}: {why}. Remove {key}.")
+    _refuse(data, refusals, f"adapter: {adapter}")
     init = data.get("peft_init_lora_weights")
     if init is not None and init not in SUPPORTED_LORA_INITS:
         raise ValueError(
@@ -278,8 +281,8 @@ def _turn_off_lora_kernels(data: dict, adapter: str) -> None:
     for key in LORA_KERNELS:
         if data.get(key):
             raise ValueError(
-                f"{key}: true computes plain LoRA (B A x) and would skip the core and COLA's tied links of "
-                f"adapter: {adapter}: "
+                f"{key}: true computes plain LoRA (B A x) and would skip the core of adapter: {adapter} "
+                "and COLA's tied links: "
                 f"set {key}: false or remove it."
             )
         data[key] = False
@@ -292,8 +295,8 @@ def _use_legacy_merge(data: dict, adapter: str) -> None:
     # the memory-efficient merge applies B A * s from the safetensors file and would drop the core
     if data.get("merge_method") == "memory_efficient":
         raise ValueError(
-            f"merge_method: memory_efficient merges plain LoRA (B A) from the file and would drop the core and "
-            f"COLA's tied links of adapter: {adapter}: use merge_method: legacy (the default for chain adapters "
+            f"merge_method: memory_efficient merges plain LoRA (B A) from the file and would drop the core of "
+            f"adapter: {adapter} and COLA's tied links: use merge_method: legacy (the default for chain adapters "
             "and COLA)."
         )
     data["merge_method"] = "legacy"
