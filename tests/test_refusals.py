@@ -23,7 +23,7 @@ BASE = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(chain_type="lochain"), "chain_type='lochain' is not supported: use one of moslora"),
+        (dict(chain_type="lochain"), "chain_type='lochain' is not supported: use one of lora, moslora"),
         (dict(), "chain_type=None is not supported"),
         (dict(chain_type="moslora", chain_init="zeros"), "chain_init='zeros' is not supported"),
         (dict(chain_type="linchain", chain_dims=[4, 8, 5]), r"must start and end with r=4"),
