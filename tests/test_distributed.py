@@ -14,16 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 
-WORKER = Path(__file__).parent / "workers" / "distributed_train.py"
+WORKERS = Path(__file__).parent / "workers"
+
+
+def torchrun(worker: str, *args: str) -> None:
+    """Run a worker on two CPU processes."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKERS / worker), *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def train(tmp_path, chain_type: str, engine: str) -> tuple[dict, dict]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER)]
-    result = subprocess.run(
-        [*command, str(tmp_path), chain_type, engine], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun("distributed_train.py", str(tmp_path), chain_type, engine)
     return torch.load(tmp_path / f"{engine}-rank0.pt"), torch.load(tmp_path / f"{engine}-rank1.pt")
 
 
@@ -43,17 +46,9 @@ def test_ddp_and_fsdp_train_the_same_adapter_on_every_rank(chain_type, tmp_path)
     assert all(ddp_rank0[name].abs().max() > 0 for name in ddp_rank0 if ".lora_B." in name)
 
 
-COLA_WORKER = Path(__file__).parent / "workers" / "cola_ddp_train.py"
-
-
 @pytest.mark.parametrize("merge", ["base", "frozen"])
 def test_cola_knots_under_ddp_leave_identical_adapters_on_every_rank(tmp_path, merge):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(COLA_WORKER)]
-    result = subprocess.run(
-        [*command, str(tmp_path), "mtlora_ctcm", merge], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun("cola_ddp_train.py", str(tmp_path), "mtlora_ctcm", merge)
     rank0 = torch.load(tmp_path / f"cola-{merge}-rank0.pt")
     rank1 = torch.load(tmp_path / f"cola-{merge}-rank1.pt")
     assert len(rank0) == len(rank1) == 2  # after each of the two knots

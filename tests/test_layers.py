@@ -189,7 +189,12 @@ def test_save_then_load_in_peft_and_transformers(chain_type, tiny_llama_dir, tmp
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     plain.load_adapter(str(tmp_path))
     assert isinstance(q_proj_of(plain), axolotl_chainlora.layer.Linear)
-    assert torch.equal(plain(input_ids).logits, expected)
+    reloaded_state = reloaded.base_model.model.state_dict()
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(tensor, reloaded_state[name]), name
+    # same tensors, but transformers leaves them at other memory alignments, where CPU matmuls may round
+    # differently: float32 rounding, not bit equality
+    torch.testing.assert_close(plain(input_ids).logits, expected, atol=1e-6, rtol=0)
 
 
 def q_proj_of(transformers_model):

@@ -4,25 +4,16 @@ usage: cola_ddp_train.py OUT_DIR CHAIN_TYPE MERGE
 """
 
 import sys
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from peft import get_peft_model
+from ranks import save_and_finish, start
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import VOCAB, tiny_llama  # noqa: E402
-
-from axolotl_chainlora import ChainLoraConfig  # noqa: E402
-from axolotl_chainlora.cola import ColaCallback, ColaSchedule  # noqa: E402
+from axolotl_chainlora.cola import ColaCallback, ColaSchedule
+from conftest import VOCAB  # ranks puts tests/ on the path
 
 out_dir, chain_type, merge = sys.argv[1:4]
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-config = ChainLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], chain_type=chain_type)
-model = get_peft_model(tiny_llama(), config)  # tiny_llama seeds the base, so every rank starts alike
-model.train()
+rank, model = start(chain_type)
 wrapped = DistributedDataParallel(model)
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
 cola = ColaCallback(ColaSchedule(links=3, knots=(2, 4), merge=merge))
@@ -41,5 +32,4 @@ for step in range(1, 7):
         snapshots.append({name: tensor.detach().clone() for name, tensor in model.state_dict().items() if "lora_" in name})
         # the base weights too: a base merge changes them
         snapshots[-1].update({name: t.detach().clone() for name, t in model.state_dict().items() if "base_layer" in name})
-torch.save(snapshots, f"{out_dir}/cola-{merge}-rank{rank}.pt")
-dist.destroy_process_group()
+save_and_finish(snapshots, f"{out_dir}/cola-{merge}-rank{rank}.pt")

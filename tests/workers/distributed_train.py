@@ -4,26 +4,18 @@ usage: distributed_train.py OUT_DIR CHAIN_TYPE ddp|fsdp
 """
 
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from peft import get_peft_model
+from ranks import save_and_finish, start
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import VOCAB, tiny_llama  # noqa: E402
-
-from axolotl_chainlora import ChainLoraConfig  # noqa: E402
+from conftest import VOCAB  # ranks puts tests/ on the path
 
 out_dir, chain_type, engine = sys.argv[1:4]
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-config = ChainLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], chain_type=chain_type)
-model = get_peft_model(tiny_llama(), config)  # tiny_llama seeds the base, so every rank starts alike
-model.train()
+rank, model = start(chain_type)
 if engine == "ddp":
     wrapped = DistributedDataParallel(model)
 else:  # FSDP2 as axolotl applies it: each decoder layer, then the whole model
@@ -43,5 +35,4 @@ for name, param in model.named_parameters():
     if param.requires_grad:
         # FSDP2 keeps each rank's shard as a DTensor: gather the full tensor
         adapter[name] = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach()
-torch.save(adapter, f"{out_dir}/{engine}-rank{rank}.pt")
-dist.destroy_process_group()
+save_and_finish(adapter, f"{out_dir}/{engine}-rank{rank}.pt")
