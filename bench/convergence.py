@@ -1,0 +1,273 @@
+"""Does a core fit better than plain LoRA at the same budget? Distillation onto a known higher-rank update.
+
+    python bench/convergence.py --preset smoke   # seconds: keeps the script working (CI)
+    python bench/convergence.py --preset cpu     # the README's table and plot, a few minutes on a CPU
+    python bench/convergence.py --preset large   # a larger model and more steps, for a GPU
+
+The base is a small Llama with random weights, drawn wide enough (initializer_range) that its
+next-token distributions are far from uniform. The teacher is the base plus a known update of rank
+`teacher_rank` > r on every targeted projection, with singular values decaying by 0.9 per direction, so
+rank r can capture most of it but not all. Each student is the base with one adapter of rank r, trained
+to match the teacher (KL(teacher || student) per token) on random token sequences drawn fresh at every
+step. Every method gets the same steps, LR grid, schedule and seeds. The table reports each method's
+held-out KL at its best LR (mean +/- std over the seeds); the plot shows the training loss at that LR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import LLAMA_PROJECTIONS, RESULTS, Cola, Method, chain_methods, device_name, llama, write_result
+from peft import get_peft_model
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+from axolotl_chainlora.layer import ChainLoraLayer
+
+PRESETS = {
+    "smoke": dict(
+        shape=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1),
+        rank=4, teacher_rank=16, seq=16, batch=8, steps=6, lrs=[1e-3], seeds=[0], eval_sequences=16,
+    ),
+    "cpu": dict(
+        shape=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1),
+        rank=8, teacher_rank=32, seq=32, batch=16, steps=300, lrs=[1e-3, 3e-3, 1e-2], seeds=[0, 1, 2],
+        eval_sequences=64,
+    ),
+    "large": dict(
+        shape=dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                   num_attention_heads=8, num_key_value_heads=4, initializer_range=0.05),
+        rank=16, teacher_rank=64, seq=64, batch=32, steps=1000, lrs=[3e-4, 1e-3, 3e-3], seeds=[0, 1, 2],
+        eval_sequences=128,
+    ),
+}  # fmt: skip
+
+TEACHER_UPDATE_NORM = 0.5  # |delta W| / |W| of every targeted projection
+SPECTRUM_DECAY = 0.9
+# the control PEFT's maintainers asked for: plain LoRA whose A starts as a LinChain's folded T A, B = 0
+FOLDED_CHAIN_INIT = "lora, linchain init folded into A"
+
+
+def methods(rank: int) -> list[Method]:
+    return [
+        Method("lora", None, rank),
+        Method(FOLDED_CHAIN_INIT, None, rank),
+        *chain_methods(rank),
+        *(Method(f"cola-{links}", "lora", rank, cola_links=links) for links in (1, 2, 3)),
+    ]
+
+
+@torch.no_grad()
+def teacher_of(base: nn.Module, rank: int, generator: torch.Generator) -> nn.Module:
+    """The base plus U diag(0.9^i) V^T (orthonormal U, V of `rank` columns) on every targeted projection."""
+    teacher = copy.deepcopy(base)
+    for name, module in teacher.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in LLAMA_PROJECTIONS:
+            out_features, in_features = module.weight.shape
+            k = min(rank, out_features, in_features)
+            U = torch.linalg.qr(torch.randn(out_features, k, generator=generator))[0]
+            V = torch.linalg.qr(torch.randn(in_features, k, generator=generator))[0]
+            delta = U @ torch.diag(SPECTRUM_DECAY ** torch.arange(k, dtype=torch.float32)) @ V.T
+            delta *= TEACHER_UPDATE_NORM * module.weight.norm() / delta.norm()
+            module.weight += delta.to(module.weight)
+    return teacher
+
+
+def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per token, averaged over the tokens."""
+    log_q, log_p = F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean()
+
+
+def student(base: nn.Module, method: Method) -> nn.Module:
+    model = get_peft_model(copy.deepcopy(base), method.peft_config(LLAMA_PROJECTIONS))
+    if method.name == FOLDED_CHAIN_INIT:
+        set_A_to_folded_chain(model, base, method.rank)
+    return model.train()
+
+
+@torch.no_grad()
+def set_A_to_folded_chain(lora_model, base: nn.Module, rank: int) -> None:
+    """Draw a LinChain-3 adapter and set the plain LoRA's A to its T A (B stays 0): the same start, no core."""
+    chain = get_peft_model(copy.deepcopy(base), Method("", "linchain", rank).peft_config(LLAMA_PROJECTIONS))
+    lora_layers = dict(lora_model.named_modules())
+    for name, layer in chain.named_modules():
+        if isinstance(layer, ChainLoraLayer):
+            folded = layer.lora_core["default"].times(layer.lora_A["default"].weight)
+            lora_layers[name].lora_A["default"].weight.copy_(folded)
+
+
+def train(base, teacher, method: Method, lr: float, seed: int, preset: dict, held_out: tuple) -> dict:
+    """One student: the training loss at every step and the held-out KL at the end."""
+    steps, vocab, device = preset["steps"], preset["shape"]["vocab_size"], held_out[0].device
+    torch.manual_seed(seed)  # the adapter's initial draw
+    model = student(base, method)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    # one schedule for the whole run, as COLA keeps it across knots
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    cola = Cola(method.cola_links, max_steps=steps, seed=seed) if method.cola_links > 1 else None
+    if cola:
+        cola.begin(model)
+    data = torch.Generator().manual_seed(10_000 + seed)
+    curve = []
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (preset["batch"], preset["seq"]), generator=data).to(device)
+        with torch.no_grad():
+            target = teacher(input_ids=ids).logits
+        loss = kl(model(input_ids=ids).logits, target)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cola:
+            cola.step_done(model, optimizer)
+        curve.append(loss.item())
+    with torch.no_grad():
+        final = kl(model.eval()(input_ids=held_out[0]).logits, held_out[1]).item()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"curve": curve, "held_out_kl": final, "trainable_parameters": trainable}
+
+
+def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
+    """Per method: the LR with the lowest mean held-out KL, and the mean, std and mean curve there."""
+    summary = {}
+    for name, by_lr in runs.items():
+        means = {lr: statistics.mean(run["held_out_kl"] for run in seeds) for lr, seeds in by_lr.items()}
+        best = min(means, key=means.get)
+        finals = [run["held_out_kl"] for run in by_lr[best]]
+        summary[name] = {
+            "best_lr": float(best),
+            "held_out_kl_mean": means[best],
+            "held_out_kl_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "held_out_kl_by_lr": {str(lr): mean for lr, mean in means.items()},
+            "trainable_parameters": by_lr[best][0]["trainable_parameters"],
+            "mean_curve": [statistics.mean(step) for step in zip(*(run["curve"] for run in by_lr[best]))],
+        }
+    return summary
+
+
+def markdown(summary: dict[str, dict], start_kl: float) -> str:
+    lora = summary["lora"]["held_out_kl_mean"]
+    lines = [
+        f"Held-out KL(teacher || student) at each method's best LR; the base starts at {start_kl:.4f}.",
+        "",
+        "| method | trainable params | best LR | held-out KL (mean +/- std) | vs LoRA |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in sorted(summary.items(), key=lambda item: item[1]["held_out_kl_mean"]):
+        lines.append(
+            f"| {name} | {s['trainable_parameters']:,} | {s['best_lr']:g} | {s['held_out_kl_mean']:.4f} +/- "
+            f"{s['held_out_kl_std']:.4f} | {s['held_out_kl_mean'] / lora:.3f}x |"
+        )
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for name, s in summary.items():
+        curve = torch.tensor(s["mean_curve"])
+        window = max(1, len(curve) // 30)  # a moving average: each step's batch is a fresh draw
+        smooth = curve.unfold(0, window, 1).mean(-1) if len(curve) >= window else curve
+        style = "--" if name.startswith(("lora", "cola-1")) else "-"
+        axes.plot(range(window, window + len(smooth)), smooth, style, label=f"{name} (lr {s['best_lr']:g})")
+    axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("training KL(teacher || student)")
+    axes.set_title(title)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+Setup = tuple  # (preset, base, teacher, (held-out ids, teacher logits), start KL)
+_WORKER_SETUP: Setup | None = None
+
+
+def setup(preset_name: str, device: torch.device) -> Setup:
+    """The base, the teacher and the held-out set: seeded, so every worker process builds the same."""
+    preset = PRESETS[preset_name]
+    base = llama(preset["shape"], device, torch.float32)
+    teacher = teacher_of(base, preset["teacher_rank"], torch.Generator().manual_seed(1)).eval()
+    held_out_ids = torch.randint(
+        0, preset["shape"]["vocab_size"], (preset["eval_sequences"], preset["seq"]),
+        generator=torch.Generator().manual_seed(2),
+    ).to(device)  # fmt: skip
+    with torch.no_grad():
+        held_out = (held_out_ids, teacher(input_ids=held_out_ids).logits)
+        start_kl = kl(base(input_ids=held_out_ids).logits, held_out[1]).item()
+    return preset, base, teacher, held_out, start_kl
+
+
+def _start_worker(preset_name: str, device: str) -> None:
+    global _WORKER_SETUP
+    torch.set_num_threads(1)  # one process per core: the tiny matmuls gain nothing from threads
+    _WORKER_SETUP = setup(preset_name, torch.device(device))
+
+
+def _train_in_worker(method: Method, lr: float, seed: int) -> dict:
+    preset, base, teacher, held_out, _ = _WORKER_SETUP
+    return train(base, teacher, method, lr, seed, preset, held_out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="smoke")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--jobs", type=int, default=None, help="processes (default: one per CPU core; 1 on a GPU)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    jobs = args.jobs or (1 if device.type == "cuda" else os.cpu_count())
+
+    preset, *_, start_kl = setup(args.preset, device)
+    grid = [(method, lr, seed) for method in methods(preset["rank"]) for lr in preset["lrs"] for seed in preset["seeds"]]
+    if jobs == 1:
+        _start_worker(args.preset, args.device)
+        results = [_train_in_worker(*task) for task in grid]
+    else:
+        with ProcessPoolExecutor(jobs, get_context("spawn"), _start_worker, (args.preset, args.device)) as pool:
+            results = list(pool.map(_train_in_worker, *zip(*grid)))
+    runs = {}
+    for (method, lr, _), result in zip(grid, results):
+        runs.setdefault(method.name, {}).setdefault(lr, []).append(result)
+    summary = summarize(runs)
+    table = markdown(summary, start_kl)
+    print(table)
+    name = f"convergence-{args.preset}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(summary, args.out / f"{name}.png", f"{args.preset}: rank {preset['rank']} students of a "
+         f"rank-{preset['teacher_rank']} teacher, mean of {len(preset['seeds'])} seeds")  # fmt: skip
+    record = {
+        "device": device_name(device),
+        "settings": {
+            "preset": args.preset, **preset, "targets": LLAMA_PROJECTIONS, "teacher_update_norm": TEACHER_UPDATE_NORM,
+            "spectrum_decay": SPECTRUM_DECAY, "optimizer": "AdamW, weight decay 0, cosine schedule, 5% warmup",
+            "lora_alpha": "2 r",
+        },
+        "start_kl": start_kl,
+        "summary": summary,
+        "table": table,
+    }  # fmt: skip
+    path = write_result(args.out, name, record)
+    print(f"written: {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Training throughput and peak memory of every adapter against PEFT's plain LoRA, measured in one run.
+
+    python bench/throughput.py --preset smoke                      # seconds: keeps the script working (CI)
+    python bench/throughput.py --preset cpu                        # the CPU table in the README
+    python bench/throughput.py --preset llama3-8b [--quant 4bit]   # GPU: Llama-3-8B-shaped, 8 layers, bf16
+
+All methods train the same model on the same batch, interleaved and repeated, the order rotated every
+repeat: each ratio to plain LoRA compares runs of the same repeat. "frozen base" runs the model with no
+adapter and back-propagates to the inputs only: the ceiling for any adapter. "lora+cola-3" ties its two
+knots inside the timed window; each knot's own time is reported as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import LLAMA_PROJECTIONS, RESULTS, Cola, Method, chain_methods, device_name, llama, write_result
+from peft import get_peft_model
+from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+PRESETS = {
+    "smoke": dict(
+        shape=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2),
+        seq=32, batch=2, warmup=1, steps=3, repeats=1,
+    ),
+    "cpu": dict(
+        shape=dict(vocab_size=8192, hidden_size=512, intermediate_size=1792, num_hidden_layers=4,
+                   num_attention_heads=8, num_key_value_heads=2),
+        seq=256, batch=4, warmup=2, steps=6, repeats=3,
+    ),
+    # DESIGN.md section 5's set-up: Llama-3-8B layers, 8 of them
+    "llama3-8b": dict(
+        shape=dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=8,
+                   num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+        seq=2048, batch=4, warmup=3, steps=10, repeats=3,
+    ),
+}  # fmt: skip
+
+FROZEN_BASE = Method("frozen base", None, 0)
+PLAIN_LORA = "lora"
+
+
+def methods(rank: int) -> list[Method]:
+    return [
+        FROZEN_BASE,
+        Method(PLAIN_LORA, None, rank),
+        *chain_methods(rank),
+        Method("lora+cola-3", "lora", rank, cola_links=3),
+    ]
+
+
+class PeakMemory:
+    """Peak memory over a stretch of code: CUDA's allocator statistics, or on the CPU the process's
+    resident-set high-water mark (Linux), reset when the stretch starts."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cpu":
+            self.libc = ctypes.CDLL("libc.so.6")
+            # large blocks straight from and back to the OS (M_MMAP_THRESHOLD = 64 KiB, fixed): the resident
+            # set then follows the live tensors instead of keeping what an earlier method freed
+            self.libc.mallopt(-3, 1 << 16)
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.libc.malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current resident set
+
+    def peak_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        status = Path("/proc/self/status").read_text()
+        kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        return kib / 2**20
+
+
+def base_model(preset: dict, quant: str, device: torch.device) -> LlamaForCausalLM:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = llama(preset["shape"], device, dtype)
+    if quant == "4bit":
+        # QLoRA as axolotl loads it: NF4, double quantization, compute in the float dtype
+        with tempfile.TemporaryDirectory() as saved:
+            model.save_pretrained(saved)
+            del model
+            quantization = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+            model = LlamaForCausalLM.from_pretrained(
+                saved, quantization_config=quantization, dtype=dtype, device_map={"": device}
+            ).requires_grad_(False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()  # transformers skips gradient checkpointing in eval mode
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(base, method: Method, preset: dict, batch: torch.Tensor, memory: PeakMemory) -> dict:
+    """Train `method` on `base` for the preset's warm-up and timed steps; leave `base` as it was found."""
+    warmup, steps = preset["warmup"], preset["steps"]
+    if method is FROZEN_BASE:
+        model = base
+        model.enable_input_require_grads()  # back-propagate to the inputs, through every layer
+    else:
+        model = get_peft_model(base, method.peft_config(LLAMA_PROJECTIONS)).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    cola = None
+    if method.cola_links > 1:
+        knots = tuple(warmup + steps * k // method.cola_links for k in range(1, method.cola_links))
+        cola = Cola(method.cola_links, max_steps=warmup + steps, seed=0, knots=knots)
+        cola.begin(model)
+    knot_seconds = []
+    for step in range(warmup + steps):
+        if step == warmup:
+            memory.start()
+            started = time.perf_counter()
+        model(input_ids=batch, labels=batch).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if cola is not None:
+            synchronize(batch.device)
+            knot_started = time.perf_counter()
+            if cola.step_done(model, optimizer):
+                synchronize(batch.device)
+                knot_seconds.append(time.perf_counter() - knot_started)
+    synchronize(batch.device)
+    seconds = time.perf_counter() - started
+    result = {"tokens_per_s": batch.numel() * steps / seconds, "peak_gib": memory.peak_gib()}
+    if knot_seconds:
+        result["knot_s"] = knot_seconds
+    if method is FROZEN_BASE:
+        model.disable_input_require_grads()
+    else:
+        model.unload()  # the base's own modules back, for the next method
+    del model, optimizer, trainable
+    return result
+
+
+def summarize(runs: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per method: median tokens/s, median of the per-repeat ratios to plain LoRA, peak memory."""
+    summary = {}
+    for name in runs[0]:
+        results = [run[name] for run in runs]
+        peaks = [r["peak_gib"] for r in results]
+        summary[name] = {
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in results),
+            "speed_vs_lora": statistics.median(r["tokens_per_s"] / run[PLAIN_LORA]["tokens_per_s"]
+                                               for r, run in zip(results, runs)),
+            "peak_gib": max(peaks),
+            "peak_gib_vs_lora": max(p - run[PLAIN_LORA]["peak_gib"] for p, run in zip(peaks, runs)),
+        }  # fmt: skip
+        knots = [s for r in results for s in r.get("knot_s", [])]
+        if knots:
+            summary[name]["knot_s_max"] = max(knots)
+    return summary
+
+
+def markdown(summary: dict[str, dict]) -> str:
+    lines = ["| method | tokens/s | vs LoRA | peak GiB | vs LoRA (GiB) |", "|---|---|---|---|---|"]
+    for name, s in summary.items():
+        knot = f" (knot: {s['knot_s_max']:.3f} s max)" if "knot_s_max" in s else ""
+        lines.append(
+            f"| {name}{knot} | {s['tokens_per_s']:,.0f} | {s['speed_vs_lora']:.3f}x | {s['peak_gib']:.2f} "
+            f"| {s['peak_gib_vs_lora']:+.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="smoke")
+    parser.add_argument("--quant", choices=["none", "4bit"], default="none")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    preset, device = PRESETS[args.preset], torch.device(args.device)
+
+    memory = PeakMemory(device)
+    base = base_model(preset, args.quant, device)
+    batch = torch.randint(
+        0, preset["shape"]["vocab_size"], (preset["batch"], preset["seq"]), generator=torch.Generator().manual_seed(0)
+    ).to(device)
+    compared = methods(args.rank)
+    runs = []
+    for repeat in range(preset["repeats"]):
+        shift = repeat % len(compared)
+        order = compared[shift:] + compared[:shift]
+        run = {method.name: measure(base, method, preset, batch, memory) for method in order}
+        runs.append({method.name: run[method.name] for method in compared})
+    summary = summarize(runs)
+    table = markdown(summary)
+    print(table)
+    record = {
+        "device": device_name(device),
+        "settings": {
+            "preset": args.preset, **preset, "quant": args.quant, "rank": args.rank, "targets": LLAMA_PROJECTIONS,
+            "dtype": str(next(base.parameters()).dtype), "gradient_checkpointing": True, "optimizer": "AdamW",
+        },
+        "summary": summary,
+        "runs": runs,
+        "table": table,
+    }  # fmt: skip
+    path = write_result(args.out, f"throughput-{args.preset}-{args.quant}-{device.type}", record)
+    print(f"written: {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The benchmarks in their smallest CPU mode, so they never rot. No timing is asserted: only what they record."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def run_bench(script: str, out_dir: Path) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, str(BENCH / script), "--preset", "smoke", "--device", "cpu", "--out", str(out_dir)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (written,) = out_dir.glob(f"{script.removesuffix('.py')}-smoke*.json")
+    return json.loads(written.read_text())
+
+
+def test_throughput_records_every_method_against_plain_lora(tmp_path):
+    record = run_bench("throughput.py", tmp_path)
+    summary = record["summary"]
+    assert list(summary) == [
+        "frozen base", "lora", "linchain-3-16", "linchain-2-8", "moslora",
+        "mtlora-shim", "mtlora-icfm", "mtlora-ctcm", "mtlora-dtsm", "lora+cola-3",
+    ]  # fmt: skip
+    assert summary["lora"]["speed_vs_lora"] == 1.0 and summary["lora"]["peak_gib_vs_lora"] == 0.0
+    for name, figures in summary.items():
+        assert figures["tokens_per_s"] > 0 and figures["peak_gib"] > 0, name
+    # both knots fell inside the timed window of every repeat
+    (run,) = record["runs"]
+    assert len(run["lora+cola-3"]["knot_s"]) == 2 and summary["lora+cola-3"]["knot_s_max"] > 0
+    assert record["device"].startswith("CPU") and record["versions"]["peft"]
+    assert "| lora+cola-3 (knot:" in record["table"]
+
+
+def test_convergence_trains_every_method_and_the_control(tmp_path):
+    record = run_bench("convergence.py", tmp_path)
+    summary = record["summary"]
+    assert set(summary) == {
+        "lora", "lora, linchain init folded into A", "linchain-3-4", "linchain-2-2", "moslora",
+        "mtlora-shim", "mtlora-icfm", "mtlora-ctcm", "mtlora-dtsm", "cola-1", "cola-2", "cola-3",
+    }  # fmt: skip
+    steps = record["settings"]["steps"]
+    for name, figures in summary.items():
+        assert math.isfinite(figures["held_out_kl_mean"]) and len(figures["mean_curve"]) == steps, name
+    # the teacher differs from the base, and every student starts from the base (B = 0)
+    assert record["start_kl"] > 0.05
+    first_losses = {round(figures["mean_curve"][0], 6) for figures in summary.values()}
+    assert len(first_losses) == 1
+    # one link of COLA is plain LoRA in the chain layers: it trains as PEFT's LoRA does
+    assert math.isclose(summary["cola-1"]["held_out_kl_mean"], summary["lora"]["held_out_kl_mean"], rel_tol=1e-4)
+    # the control has LoRA's parameters; the chain's core adds r^2 per LinChain link per layer
+    assert summary["lora, linchain init folded into A"]["trainable_parameters"] == summary["lora"]["trainable_parameters"]
+    assert summary["linchain-3-4"]["trainable_parameters"] == summary["lora"]["trainable_parameters"] + 3 * 16 * 14
+    assert (tmp_path / "convergence-smoke.png").stat().st_size > 10_000
