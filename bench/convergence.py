@@ -41,7 +41,7 @@ PRESETS = {
     "cpu": dict(
         shape=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1),
-        rank=8, teacher_rank=32, seq=32, batch=16, steps=300, lrs=[1e-3, 3e-3, 1e-2], seeds=[0, 1, 2],
+        rank=8, teacher_rank=32, seq=32, batch=16, steps=300, lrs=[3e-3, 1e-2, 3e-2, 1e-1], seeds=[0, 1, 2],
         eval_sequences=64,
     ),
     "large": dict(
@@ -179,6 +179,7 @@ def plot(summary: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5))
+    axes.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])  # 20 distinct colours
     for name, s in summary.items():
         curve = torch.tensor(s["mean_curve"])
         window = max(1, len(curve) // 30)  # a moving average: each step's batch is a fresh draw

@@ -5,14 +5,16 @@
     python bench/throughput.py --preset llama3-8b [--quant 4bit]   # GPU: Llama-3-8B-shaped, 8 layers, bf16
 
 All methods train the same model on the same batch, interleaved and repeated, the order rotated every
-repeat: each ratio to plain LoRA compares runs of the same repeat. "frozen base" runs the model with no
-adapter and back-propagates to the inputs only: the ceiling for any adapter. "lora+cola-3" ties its two
-knots inside the timed window; each knot's own time is reported as well.
+repeat: each ratio to plain LoRA compares runs of the same repeat. Tokens/s come from the median timed
+step. "frozen base" runs the model with no adapter and back-propagates to the inputs only: the ceiling
+for any adapter. "lora+cola-3" ties its two knots among the timed steps (the steps after a knot run the
+new link); each knot is timed on its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import statistics
@@ -34,7 +36,7 @@ PRESETS = {
     "cpu": dict(
         shape=dict(vocab_size=8192, hidden_size=512, intermediate_size=1792, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=2),
-        seq=256, batch=4, warmup=2, steps=6, repeats=3,
+        seq=256, batch=4, warmup=2, steps=10, repeats=4,
     ),
     # DESIGN.md section 5's set-up: Llama-3-8B layers, 8 of them
     "llama3-8b": dict(
@@ -57,34 +59,37 @@ def methods(rank: int) -> list[Method]:
     ]
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
 class PeakMemory:
-    """Peak memory over a stretch of code: CUDA's allocator statistics, or on the CPU the process's
-    resident-set high-water mark (Linux), reset when the stretch starts."""
+    """Peak memory over one training step: CUDA's allocator statistics, or on the CPU the process's
+    resident-set high-water mark (Linux), reset when the step starts."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        if device.type == "cpu":
-            self.libc = ctypes.CDLL("libc.so.6")
-            # large blocks straight from and back to the OS (M_MMAP_THRESHOLD = 64 KiB, fixed): the resident
-            # set then follows the live tensors instead of keeping what an earlier method freed
-            self.libc.mallopt(-3, 1 << 16)
+        self.libc = ctypes.CDLL("libc.so.6") if device.type == "cpu" else None
 
-    def start(self) -> None:
+    @contextlib.contextmanager
+    def step(self):
         gc.collect()
-        if self.device.type == "cuda":
+        if self.libc is None:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.libc.malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current resident set
-
-    def peak_gib(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**30
+            yield
+            torch.cuda.synchronize(self.device)
+            self.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+            return
+        # blocks of 64 KiB and more straight from and back to the OS for this step: the resident set then
+        # follows the live tensors instead of keeping what was freed earlier (too slow for the timed steps)
+        self.libc.mallopt(M_MMAP_THRESHOLD, 1 << 16)
+        self.libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current resident set
+        yield
         status = Path("/proc/self/status").read_text()
-        kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-        return kib / 2**20
+        self.peak_gib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 2**20
+        self.libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's own ceiling for its dynamic threshold
 
 
 def base_model(preset: dict, quant: str, device: torch.device) -> LlamaForCausalLM:
@@ -129,23 +134,30 @@ def measure(base, method: Method, preset: dict, batch: torch.Tensor, memory: Pea
         cola = Cola(method.cola_links, max_steps=warmup + steps, seed=0, knots=knots)
         cola.begin(model)
     knot_seconds = []
-    for step in range(warmup + steps):
-        if step == warmup:
-            memory.start()
-            started = time.perf_counter()
+
+    def train_step():
         model(input_ids=batch, labels=batch).loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+    step_seconds = []
+    for step in range(warmup + steps):
+        synchronize(batch.device)
+        started = time.perf_counter()
+        train_step()
+        synchronize(batch.device)
+        if step >= warmup:
+            step_seconds.append(time.perf_counter() - started)
         if cola is not None:
-            synchronize(batch.device)
-            knot_started = time.perf_counter()
+            started = time.perf_counter()
             if cola.step_done(model, optimizer):
                 synchronize(batch.device)
-                knot_seconds.append(time.perf_counter() - knot_started)
-    synchronize(batch.device)
-    seconds = time.perf_counter() - started
-    result = {"tokens_per_s": batch.numel() * steps / seconds, "peak_gib": memory.peak_gib()}
+                knot_seconds.append(time.perf_counter() - started)
+    with memory.step():  # one more step, untimed: the peak, with every COLA link in place
+        train_step()
+    # the median step: a hiccup of a shared machine does not move it; knots are timed on their own
+    result = {"tokens_per_s": batch.numel() / statistics.median(step_seconds), "peak_gib": memory.peak_gib}
     if knot_seconds:
         result["knot_s"] = knot_seconds
     if method is FROZEN_BASE:
@@ -161,11 +173,12 @@ def summarize(runs: list[dict[str, dict]]) -> dict[str, dict]:
     summary = {}
     for name in runs[0]:
         results = [run[name] for run in runs]
+        ratios = [r["tokens_per_s"] / run[PLAIN_LORA]["tokens_per_s"] for r, run in zip(results, runs)]
         peaks = [r["peak_gib"] for r in results]
         summary[name] = {
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in results),
-            "speed_vs_lora": statistics.median(r["tokens_per_s"] / run[PLAIN_LORA]["tokens_per_s"]
-                                               for r, run in zip(results, runs)),
+            "speed_vs_lora": statistics.median(ratios),
+            "speed_vs_lora_range": [min(ratios), max(ratios)],  # the spread between repeats: the noise floor
             "peak_gib": max(peaks),
             "peak_gib_vs_lora": max(p - run[PLAIN_LORA]["peak_gib"] for p, run in zip(peaks, runs)),
         }  # fmt: skip
@@ -176,12 +189,16 @@ def summarize(runs: list[dict[str, dict]]) -> dict[str, dict]:
 
 
 def markdown(summary: dict[str, dict]) -> str:
-    lines = ["| method | tokens/s | vs LoRA | peak GiB | vs LoRA (GiB) |", "|---|---|---|---|---|"]
+    lines = [
+        "| method | tokens/s | vs LoRA: median (min-max over repeats) | peak GiB | vs LoRA (GiB) |",
+        "|---|---|---|---|---|",
+    ]
     for name, s in summary.items():
         knot = f" (knot: {s['knot_s_max']:.3f} s max)" if "knot_s_max" in s else ""
+        low, high = s["speed_vs_lora_range"]
         lines.append(
-            f"| {name}{knot} | {s['tokens_per_s']:,.0f} | {s['speed_vs_lora']:.3f}x | {s['peak_gib']:.2f} "
-            f"| {s['peak_gib_vs_lora']:+.3f} |"
+            f"| {name}{knot} | {s['tokens_per_s']:,.0f} | {s['speed_vs_lora']:.3f}x ({low:.2f}-{high:.2f}) "
+            f"| {s['peak_gib']:.2f} | {s['peak_gib_vs_lora']:+.3f} |"
         )
     return "\n".join(lines)
 
