@@ -119,7 +119,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure(base, method: Method, preset: dict, batch: torch.Tensor, memory: PeakMemory) -> dict:
-    """Train `method` on `base` for the preset's warm-up and timed steps; leave `base` as it was found."""
+    """Train `method` on `base` for the preset's warm-up and timed steps; leave `base` with its own modules
+    (a COLA knot on a float32 base adds into its weights, which changes no shape or speed)."""
     warmup, steps = preset["warmup"], preset["steps"]
     if method is FROZEN_BASE:
         model = base

@@ -54,6 +54,12 @@ def test_convergence_trains_every_method_and_the_control(tmp_path):
     assert len(first_losses) == 1
     # one link of COLA is plain LoRA in the chain layers: it trains as PEFT's LoRA does
     assert math.isclose(summary["cola-1"]["held_out_kl_mean"], summary["lora"]["held_out_kl_mean"], rel_tol=1e-4)
+    # COLA-2 ties its knot after step 3 of 6: it follows LoRA's curve up to and including the step right after
+    # the knot (a fresh link has B = 0, so the knot leaves the model as it was), then goes its own way
+    lora_curve, cola_curve = summary["lora"]["mean_curve"], summary["cola-2"]["mean_curve"]
+    for step in range(4):
+        assert math.isclose(cola_curve[step], lora_curve[step], rel_tol=1e-5), step
+    assert cola_curve[5] != lora_curve[5]
     # the control has LoRA's parameters; the chain's core adds r^2 per LinChain link per layer
     assert summary["lora, linchain init folded into A"]["trainable_parameters"] == summary["lora"]["trainable_parameters"]
     assert summary["linchain-3-4"]["trainable_parameters"] == summary["lora"]["trainable_parameters"] + 3 * 16 * 14
