@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = args.jobs or (1 if device.type == "cuda" else os.cpu_count())
 
     preset, *_, start_kl = setup(args.preset, device)
-    grid = [(method, lr, seed) for method in methods(preset["rank"]) for lr in preset["lrs"] for seed in preset["seeds"]]
+    grid = [(m, lr, seed) for m in methods(preset["rank"]) for lr in preset["lrs"] for seed in preset["seeds"]]
     if jobs == 1:
         _start_worker(args.preset, args.device)
         results = [_train_in_worker(*task) for task in grid]

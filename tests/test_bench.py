@@ -60,7 +60,8 @@ def test_convergence_trains_every_method_and_the_control(tmp_path):
     for step in range(4):
         assert math.isclose(cola_curve[step], lora_curve[step], rel_tol=1e-5), step
     assert cola_curve[5] != lora_curve[5]
-    # the control has LoRA's parameters; the chain's core adds r^2 per LinChain link per layer
-    assert summary["lora, linchain init folded into A"]["trainable_parameters"] == summary["lora"]["trainable_parameters"]
-    assert summary["linchain-3-4"]["trainable_parameters"] == summary["lora"]["trainable_parameters"] + 3 * 16 * 14
+    # the control has LoRA's parameters; LinChain-3 adds three r x r links to each of the 14 projections
+    lora_parameters = summary["lora"]["trainable_parameters"]
+    assert summary["lora, linchain init folded into A"]["trainable_parameters"] == lora_parameters
+    assert summary["linchain-3-4"]["trainable_parameters"] == lora_parameters + 3 * 4 * 4 * 14
     assert (tmp_path / "convergence-smoke.png").stat().st_size > 10_000
