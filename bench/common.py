@@ -35,6 +35,7 @@ class Method:
     chain_type: str | None
     rank: int
     chain_dims: tuple[int, ...] | None = None
+    chain_init: str = "kaiming"
     cola_links: int = 1
 
     def peft_config(self, target_modules: list[str]) -> LoraConfig:
@@ -43,7 +44,7 @@ class Method:
         if self.chain_type is None:
             return LoraConfig(**common)
         dims = list(self.chain_dims) if self.chain_dims else None
-        return ChainLoraConfig(**common, chain_type=self.chain_type, chain_dims=dims)
+        return ChainLoraConfig(**common, chain_type=self.chain_type, chain_dims=dims, chain_init=self.chain_init)
 
 
 def chain_methods(r: int) -> list[Method]:

@@ -20,6 +20,7 @@ import copy
 import os
 import statistics
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -47,7 +48,7 @@ PRESETS = {
     "large": dict(
         shape=dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=4, initializer_range=0.05),
-        rank=16, teacher_rank=64, seq=64, batch=32, steps=1000, lrs=[3e-4, 1e-3, 3e-3], seeds=[0, 1, 2],
+        rank=16, teacher_rank=64, seq=64, batch=32, steps=1000, lrs=[1e-3, 3e-3, 1e-2, 3e-2], seeds=[0, 1, 2],
         eval_sequences=128,
     ),
 }  # fmt: skip
@@ -59,10 +60,16 @@ FOLDED_CHAIN_INIT = "lora, linchain init folded into A"
 
 
 def methods(rank: int) -> list[Method]:
+    chains = chain_methods(rank)
+    # the papers' Kaiming cores shrink the update; identity init (T = I) starts from LoRA's scale instead
+    with_identity_init = (f"linchain-3-{rank}", "moslora")
+    identity = [replace(m, name=f"{m.name}, identity init", chain_init="identity") for m in chains
+                if m.name in with_identity_init]  # fmt: skip
     return [
         Method("lora", None, rank),
         Method(FOLDED_CHAIN_INIT, None, rank),
-        *chain_methods(rank),
+        *chains,
+        *identity,
         *(Method(f"cola-{links}", "lora", rank, cola_links=links) for links in (1, 2, 3)),
     ]
 
@@ -156,17 +163,19 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
     return summary
 
 
-def markdown(summary: dict[str, dict], start_kl: float) -> str:
+def markdown(summary: dict[str, dict], start_kl: float, lrs: list[float]) -> str:
     lora = summary["lora"]["held_out_kl_mean"]
     lines = [
         f"Held-out KL(teacher || student) at each method's best LR; the base starts at {start_kl:.4f}.",
+        "A best LR marked * is at the edge of the grid: the method may do better outside it.",
         "",
         "| method | trainable params | best LR | held-out KL (mean +/- std) | vs LoRA |",
         "|---|---|---|---|---|",
     ]
     for name, s in sorted(summary.items(), key=lambda item: item[1]["held_out_kl_mean"]):
+        edge = "*" if len(lrs) > 1 and s["best_lr"] in (min(lrs), max(lrs)) else ""
         lines.append(
-            f"| {name} | {s['trainable_parameters']:,} | {s['best_lr']:g} | {s['held_out_kl_mean']:.4f} +/- "
+            f"| {name} | {s['trainable_parameters']:,} | {s['best_lr']:g}{edge} | {s['held_out_kl_mean']:.4f} +/- "
             f"{s['held_out_kl_std']:.4f} | {s['held_out_kl_mean'] / lora:.3f}x |"
         )
     return "\n".join(lines)
@@ -248,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     for (method, lr, _), result in zip(grid, results):
         runs.setdefault(method.name, {}).setdefault(lr, []).append(result)
     summary = summarize(runs)
-    table = markdown(summary, start_kl)
+    table = markdown(summary, start_kl, preset["lrs"])
     print(table)
     name = f"convergence-{args.preset}"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,8 @@ def test_convergence_trains_every_method_and_the_control(tmp_path):
     summary = record["summary"]
     assert set(summary) == {
         "lora", "lora, linchain init folded into A", "linchain-3-4", "linchain-2-2", "moslora",
-        "mtlora-shim", "mtlora-icfm", "mtlora-ctcm", "mtlora-dtsm", "cola-1", "cola-2", "cola-3",
+        "mtlora-shim", "mtlora-icfm", "mtlora-ctcm", "mtlora-dtsm", "linchain-3-4, identity init",
+        "moslora, identity init", "cola-1", "cola-2", "cola-3",
     }  # fmt: skip
     steps = record["settings"]["steps"]
     for name, figures in summary.items():
@@ -60,6 +61,13 @@ def test_convergence_trains_every_method_and_the_control(tmp_path):
     for step in range(4):
         assert math.isclose(cola_curve[step], lora_curve[step], rel_tol=1e-5), step
     assert cola_curve[5] != lora_curve[5]
+    # identity init (T = I) starts as LoRA: its losses match LoRA's until the core has moved (step 1 is warmup at
+    # LR 0, step 2 moves only B), while the papers' Kaiming core changes the update from step 2 on
+    for name in ("linchain-3-4, identity init", "moslora, identity init"):
+        identity_curve = summary[name]["mean_curve"]
+        assert all(math.isclose(identity_curve[step], lora_curve[step], rel_tol=1e-6) for step in range(3)), name
+        assert identity_curve[5] != lora_curve[5], name
+    assert not math.isclose(summary["moslora"]["mean_curve"][2], lora_curve[2], rel_tol=1e-3)
     # the control has LoRA's parameters; LinChain-3 adds three r x r links to each of the 14 projections
     lora_parameters = summary["lora"]["trainable_parameters"]
     assert summary["lora, linchain init folded into A"]["trainable_parameters"] == lora_parameters
