@@ -245,11 +245,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     jobs = args.jobs or (1 if device.type == "cuda" else os.cpu_count())
 
-    preset, *_, start_kl = setup(args.preset, device)
+    preset, base, teacher, held_out, start_kl = setup(args.preset, device)
     grid = [(m, lr, seed) for m in methods(preset["rank"]) for lr in preset["lrs"] for seed in preset["seeds"]]
     if jobs == 1:
-        _start_worker(args.preset, args.device)
-        results = [_train_in_worker(*task) for task in grid]
+        results = [train(base, teacher, method, lr, seed, preset, held_out) for method, lr, seed in grid]
     else:
         with ProcessPoolExecutor(jobs, get_context("spawn"), _start_worker, (args.preset, args.device)) as pool:
             results = list(pool.map(_train_in_worker, *zip(*grid)))

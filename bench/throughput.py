@@ -165,7 +165,6 @@ def measure(base, method: Method, preset: dict, batch: torch.Tensor, memory: Pea
         model.disable_input_require_grads()
     else:
         model.unload()  # the base's own modules back, for the next method
-    del model, optimizer, trainable
     return result
 
 
