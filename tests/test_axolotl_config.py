@@ -29,7 +29,8 @@ from pydantic import ValidationError
 from transformers import BitsAndBytesConfig
 
 from axolotl_chainlora import ChainLoraConfig
-from axolotl_chainlora.args import chain_config_fields
+from axolotl_chainlora.args import ChainLoraArgs
+from axolotl_chainlora.plugin import chain_config_fields
 from axolotl_chainlora.demo import prepare_demo
 from axolotl_chainlora.plugin import ChainLoraPlugin
 
@@ -179,7 +180,7 @@ def chain_plugins() -> list[ChainLoraPlugin]:
         ),
         pytest.param(
             {"linchain_dims": [8, 16, 8], "linchain_n": 3},
-            [r"linchain_n=3 but linchain_dims=\[8, 16, 8\] has 2 links", r"drop linchain_n or make them agree"],
+            [r"linchain_n=3 but linchain_dims=\[8, 16, 8\] has 2 factors", r"drop linchain_n or make them agree"],
             id="n-disagrees-with-dims",
         ),
         pytest.param(
@@ -195,14 +196,16 @@ def chain_plugins() -> list[ChainLoraPlugin]:
         pytest.param(
             {"linchain_dims": [8, 16, 8], "lora_rank_pattern": {"q_proj": 4}},
             [
-                r"linchain_dims fixes the rank of every layer and cannot be combined with lora_rank_pattern",
-                r"drop linchain_dims",
+                r"adapter: linchain: linchain_dims fixes the rank of every layer and cannot be combined with "
+                r"lora_rank_pattern",
+                r"remove linchain_dims \(each layer then gets LinChain-3 of its own rank\) or lora_rank_pattern",
             ],
             id="dims-with-rank-pattern",
         ),
         pytest.param(
             {"linchain_n": 2, "lora_rank_pattern": {"q_proj": 4}},
-            [r"linchain_n=2 cannot be combined with lora_rank_pattern", r"drop one of them"],
+            [r"linchain_n fixes the rank of every layer and cannot be combined with lora_rank_pattern",
+             r"remove linchain_n"],
             id="n-with-rank-pattern",
         ),
     ],
@@ -276,12 +279,18 @@ def test_keys_of_another_adapter_are_refused(tmp_path, base_yaml, overrides, pat
 
 def _combination_cases():
     cases = [
-        ({"peft_use_dora": True}, [r"peft_use_dora cannot be used with adapter: {a}", r"Remove peft_use_dora\."]),
+        (
+            {"peft_use_dora": True},
+            [r"adapter: {a}: peft_use_dora is another LoRA variant", r"remove peft_use_dora\."],
+        ),
         ({"relora": True}, [r"relora cannot be used with adapter: {a}", r"Remove relora\."]),
         ({"gptq": True}, [r"gptq cannot be used with adapter: {a}", r"use load_in_4bit", r"Remove gptq\."]),
         (
             {"lora_target_parameters": ["mlp.experts.gate_up_proj"]},
-            [r"lora_target_parameters cannot be used with adapter: {a}", r"Remove lora_target_parameters\."],
+            [
+                r"adapter: {a}: lora_target_parameters \(LoRA on raw nn.Parameters\) is not supported",
+                r"remove it and target the modules with lora_target_modules",
+            ],
         ),
         (
             {"flash_attn_fuse_mlp": True},
@@ -305,7 +314,8 @@ def _combination_cases():
         cases.append(
             (
                 {"peft_init_lora_weights": init},
-                [rf"peft_init_lora_weights='{init}' .* adapter: {{a}}", r"use one of \(True, False, 'gaussian'\)"],
+                [rf"adapter: {{a}}: peft_init_lora_weights='{init}' builds A and B for a LoRA without a core",
+                 r"use one of \(True, False, 'gaussian'\)"],
             )
         )
     for kernel in KERNELS:
@@ -351,7 +361,7 @@ def test_bad_mtlora_fused_splits_are_refused(tmp_path, base_yaml, overrides):
 
 
 def test_bool_in_linchain_dims_is_refused(tmp_path, base_yaml):
-    refused(tmp_path, base_yaml, [r"linchain_dims=\[8, True, 8\]"], linchain_dims=[8, True, 8])
+    refused(tmp_path, base_yaml, [r"\nlinchain_dims\.1\n\s+Input should be a valid integer"], linchain_dims=[8, True, 8])
 
 
 # ---------------------------------------------------------------- good YAML
@@ -387,7 +397,10 @@ def test_plain_lora_is_left_to_axolotl(tmp_path, base_yaml, monkeypatch, overrid
     without_plugin = load_cfg(path)
     assert PLUGIN not in PluginManager.get_instance().plugins
 
-    assert with_plugin.to_dict() == without_plugin.to_dict()
+    # our keys are in the merged schema with their defaults; every key of axolotl's is as without the plugin
+    ours = ChainLoraArgs.model_fields
+    assert {key: value for key, value in with_plugin.to_dict().items() if key not in ours} == without_plugin.to_dict()
+    assert {key: with_plugin[key] for key in ours} == {key: field.default for key, field in ours.items()}
     assert with_plugin.merge_method != "legacy" or overrides.get("merge_method") == "legacy"
     assert not with_plugin.overrides_of_model_kwargs  # axolotl quantizes lora/qlora itself
 
@@ -614,7 +627,9 @@ COLA = {"adapter": "lora", "cola_links": 3}
         pytest.param({"cola_knots": [0.5]}, [r"cola_knots=\[0\.5\] has 1 knots, but cola_links=3 needs 2"], id="knot-count"),
         pytest.param({"cola_knots": [0.8, 0.5]}, [r"cola_knots=\[0\.8, 0\.5\] must be strictly increasing"], id="decreasing"),
         pytest.param({"cola_knots": [0.5, 1.5]}, [r"all fractions of the run strictly between 0 and 1"], id="past-one"),
-        pytest.param({"cola_knots": [20, 80], "max_steps": 60}, [r"every knot step must be below max_steps=60"], id="past-end"),
+        pytest.param({"cola_knots": [20, 80], "max_steps": 60},
+                     [r"cola_knots=\[20, 80\] gives knot steps \[20, 80\] for a run of 60 steps", r"between 1 and 59"],
+                     id="past-end"),
         pytest.param({"cola_ranks": [8, 4]}, [r"cola_ranks=\[8, 4\] must be 3 positive integers"], id="rank-count"),
         pytest.param({"cola_ranks": [8, 0, 4]}, [r"cola_ranks=\[8, 0, 4\] must be 3 positive integers"], id="rank-zero"),
         pytest.param({"cola_ranks": [16, 8, 8]}, [r"cola_ranks=\[16, 8, 8\] must start with lora_r=8"], id="rank-first"),

@@ -1,4 +1,11 @@
-"""Chain of LoRA (COLA; Xia, Qin, Hazan 2024): train a link, tie a knot, extend the chain.
+"""Chain of LoRA (COLA): train a link, tie a knot, extend the chain.
+
+Xia, Qin, Hazan, "Chain of LoRA: Efficient Fine-tuning of Language Models via Residual Learning",
+arXiv:2401.04151. After M links the model is
+
+    W = W0 + sum_{i=1..M} s_i B_i T_i A_i
+
+where link i trains alone (earlier links frozen) between knots i-1 and i.
 
 `ColaCallback` is a transformers TrainerCallback. At each knot it
 - ties the knot: the current link's update s B T A joins the adapter's tied links, which are
@@ -15,26 +22,44 @@ adapter config records their ranks (`cola_tied_ranks`).
 
 from __future__ import annotations
 
-import logging
 import zlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import torch
 from transformers import TrainerCallback
 
+from .bnb import Linear4bit, Linear8bitLt
 from .config import ChainLoraConfig
 from .layer import ChainLoraLayer
-
-LOG = logging.getLogger("axolotl.integrations.chainlora")
+from .log import LOG
 
 COLA_MERGE_MODES = ("auto", "base", "frozen")
 
 
 @dataclass(frozen=True)
 class ColaSchedule:
-    """The COLA settings; every key named as in the axolotl YAML (`cola_links`, ...)."""
+    """A Chain of LoRA schedule (Xia, Qin, Hazan, arXiv:2401.04151): M links, so M - 1 knots.
 
-    links: int
+    Each field is the axolotl YAML key without its `cola_` prefix.
+
+    Args:
+        links: the chain length M; 1 = no COLA.
+        knots: the M - 1 knots, strictly increasing: fractions of the run's optimizer steps in (0, 1) or
+            optimizer steps; default evenly spaced.
+        ranks: the rank of each of the M links (rank step-down); default the adapter's r for every link.
+        merge: where tied links go: `base` (added into the float base weights), `frozen` (frozen low-rank
+            factors beside the base; exact, and the only choice for 4-bit and 8-bit bases) or `auto`
+            (base for float32 bases, frozen otherwise).
+        reset_optimizer: give the optimizer fresh state for each new link, as the paper does.
+        link_warmup_steps: a linear LR warmup over this many steps after each knot, on top of the run's
+            one schedule.
+
+    Raises:
+        ValueError: a setting that cannot make a chain, naming the YAML key and the fix.
+    """
+
+    links: int = 1
     knots: tuple[float | int, ...] | None = None
     ranks: tuple[int, ...] | None = None
     merge: str = "auto"
@@ -42,7 +67,18 @@ class ColaSchedule:
     link_warmup_steps: int = 0
 
     def __post_init__(self):
-        check_cola_schedule(self)
+        _check_schedule(self)
+
+    @classmethod
+    def from_yaml(cls, cfg: Mapping) -> ColaSchedule:
+        """The schedule an axolotl YAML (raw or validated) sets with its `cola_*` keys; unset keys keep
+        the defaults above."""
+        settings = {f.name: cfg.get(f"cola_{f.name}") for f in fields(cls)}
+        return cls(**{
+            name: tuple(value) if isinstance(value, list) else value
+            for name, value in settings.items()
+            if value is not None
+        })  # fmt: skip
 
     def knot_steps(self, max_steps: int) -> list[int]:
         """The optimizer steps after which a knot is tied; default evenly spaced."""
@@ -62,8 +98,8 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_cola_schedule(schedule: ColaSchedule, max_steps: int | None = None) -> None:
-    """Refuse a bad COLA schedule, naming the YAML key and the fix."""
+def _check_schedule(schedule: ColaSchedule) -> None:
+    """Refuse a bad COLA schedule, naming the YAML key and the fix (the run's length: `knot_steps`)."""
     links, knots, ranks = schedule.links, schedule.knots, schedule.ranks
     if not _is_int(links) or links < 1:
         raise ValueError(f"cola_links={links!r} must be a positive integer (the chain length; 1 = no COLA).")
@@ -82,8 +118,6 @@ def check_cola_schedule(schedule: ColaSchedule, max_steps: int | None = None) ->
             )
         if list(knots) != sorted(set(knots)):
             raise ValueError(f"cola_knots={list(knots)} must be strictly increasing.")
-        if steps and max_steps is not None and knots[-1] >= max_steps:
-            raise ValueError(f"cola_knots={list(knots)}: every knot step must be below max_steps={max_steps}.")
     if ranks is not None:
         if len(ranks) != links or not all(_is_int(rank) and rank > 0 for rank in ranks):
             raise ValueError(
@@ -106,15 +140,32 @@ def link_generator(seed: int, link: int, module_name: str) -> torch.Generator:
 
 
 def is_quantized(layer: ChainLoraLayer) -> bool:
-    from .bnb import Linear4bit, Linear8bitLt
-
     return isinstance(layer, (Linear4bit, Linear8bitLt))
 
 
 class ColaCallback(TrainerCallback):
-    """Runs a ColaSchedule on the chain adapter `adapter_name` of the trainer's PeftModel.
+    """Chain of LoRA (Xia, Qin, Hazan, arXiv:2401.04151) as a transformers TrainerCallback.
 
-    `trainer`, when given, receives the knot events through `trainer.log` (tensorboard, wandb, ...).
+    Runs `schedule` on the chain adapter `adapter_name` of the trainer's PeftModel (a ChainLoraConfig;
+    chain_type 'lora' for plain LoRA). After the optimizer step of each knot, every adapted layer ties
+    its current link,
+
+        W0 + sum_{j<i} s_j B_j T_j A_j  +=  s_i B_i T_i A_i,
+
+    into the base weight or into frozen factors beside it, then starts link i+1 with B = 0, so the
+    model's function is unchanged; the optimizer gets fresh state for the link's parameters.
+
+    Args:
+        schedule: the knots, ranks and merge mode.
+        trainer: when given, receives each knot's event (`cola/link`, `cola/knot_step`,
+            `cola/tied_update_norm`) through `trainer.log`, so tensorboard and wandb see it.
+        adapter_name: the PEFT adapter to chain.
+
+    Raises:
+        TypeError: the adapter is not a chain adapter.
+        ValueError: at the start of training, an adapter whose new links would not start at zero
+            (`init_lora_weights=False`, `lora_bias`), `merge="base"` on a quantized base, or a checkpoint
+            whose tied links do not match the schedule.
     """
 
     def __init__(self, schedule: ColaSchedule, trainer=None, adapter_name: str = "default"):

@@ -1,4 +1,4 @@
-"""bitsandbytes 4-bit and 8-bit base layers (QLoRA).
+"""bitsandbytes 4-bit and 8-bit base layers (QLoRA; Dettmers et al., arXiv:2305.14314).
 
 PEFT's own bnb LoRA layers resolve only DoRA and aLoRA and would silently train
 plain LoRA with our config, so the chain layers subclass them here.
@@ -6,7 +6,6 @@ plain LoRA with our config, so the chain layers subclass them here.
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
 from peft.tuners.lora import bnb as peft_bnb
 
 from .layer import ChainLoraLayer
@@ -18,6 +17,3 @@ class Linear4bit(ChainLoraLayer, peft_bnb.Linear4bit):
 
 class Linear8bitLt(ChainLoraLayer, peft_bnb.Linear8bitLt):
     """bitsandbytes Linear8bitLt (LLM.int8())."""
-
-
-BNB_LAYER_MAPPING = {bnb.nn.Linear4bit: Linear4bit, bnb.nn.Linear8bitLt: Linear8bitLt}

@@ -1,4 +1,4 @@
-"""The `axolotl-chainlora` command."""
+"""The `axolotl-chainlora` command: export a chain adapter, or run the offline demo."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ import argparse
 import json
 import sys
 
+from . import __version__
+from .demo import run_demo
+from .export import fold_to_lora, merge_to_full_model
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="axolotl-chainlora", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser(
         "export",
@@ -39,9 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--merge needs --base-model PATH, the model the adapter was trained on")
     if args.base_model and not args.merge:
         parser.error("--base-model is only used with --merge")
-
-    from . import fold_to_lora, merge_to_full_model
-
     try:
         if args.merge:
             out = merge_to_full_model(args.adapter_dir, args.base_model, args.out_dir)
@@ -56,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_demo_command(args) -> int:
-    from .demo import run_demo
-
     try:
         results = run_demo(args.out_dir)
     except (FileExistsError, RuntimeError) as error:

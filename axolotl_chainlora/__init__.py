@@ -1,4 +1,4 @@
-"""axolotl-chainlora: LinChain, MoSLoRA and MTLoRA as exact PEFT LoRA variants.
+"""axolotl-chainlora: LinChain, MoSLoRA and MTLoRA as exact PEFT LoRA variants, and Chain of LoRA.
 
 Importing this package registers the chain adapters with PEFT, so that
 `PeftModel.from_pretrained`, `AutoPeftModelForCausalLM` and transformers'
@@ -7,8 +7,12 @@ Importing this package registers the chain adapters with PEFT, so that
 
 from __future__ import annotations
 
-import peft
 from packaging.specifiers import SpecifierSet
+
+from .log import third_party_import_notices_hidden
+
+with third_party_import_notices_hidden():
+    import peft
 
 __version__ = "0.1.0"
 
@@ -27,10 +31,12 @@ def check_peft_version(installed: str) -> None:
 
 check_peft_version(peft.__version__)
 
-from .config import CHAIN_PEFT_TYPE, ChainLoraConfig  # noqa: E402
-from .cores import CHAIN_INITS, CHAIN_TYPES, core_parameter_count  # noqa: E402
-from .export import fold_to_lora, merge_to_full_model  # noqa: E402
-from .registration import register_with_peft  # noqa: E402
+with third_party_import_notices_hidden():
+    from .cola import ColaCallback, ColaSchedule
+    from .config import CHAIN_PEFT_TYPE, ChainLoraConfig
+    from .cores import CHAIN_INITS, CHAIN_TYPES, core_parameter_count
+    from .export import fold_to_lora, merge_to_full_model
+    from .registration import register_with_peft
 
 register_with_peft()
 
@@ -45,11 +51,14 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ChainLoraPlugin",
     "CHAIN_INITS",
     "CHAIN_PEFT_TYPE",
     "CHAIN_TYPES",
     "ChainLoraConfig",
+    "ChainLoraPlugin",
+    "ColaCallback",
+    "ColaSchedule",
+    "check_peft_version",
     "core_parameter_count",
     "fold_to_lora",
     "merge_to_full_model",

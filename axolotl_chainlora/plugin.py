@@ -1,9 +1,10 @@
-"""The axolotl plugin: `adapter: linchain | moslora | mtlora` in an ordinary axolotl YAML.
+"""The axolotl plugin: `adapter: linchain | moslora | mtlora` and the `cola_*` keys in an ordinary axolotl YAML.
 
-Thin on purpose: it turns the YAML into a ChainLoraConfig and closes the gaps axolotl
-leaves for plugin adapters (DESIGN.md section 3). axolotl >= 0.21 loads it for every
-config through the `axolotl.plugins` entry point, so every hook does nothing unless
-the config uses a chain adapter or COLA.
+Thin on purpose: it translates the YAML into a ChainLoraConfig and a ColaSchedule and closes the
+gaps axolotl leaves for plugin adapters (it quantizes and prepares only lora/qlora bases, loads
+only stock LoRA from lora_model_dir, and builds lora/qlora adapters without asking plugins).
+axolotl >= 0.21 loads it for every config through the `axolotl.plugins` entry point, so every
+hook does nothing unless the config uses a chain adapter or COLA.
 """
 
 from __future__ import annotations
@@ -12,22 +13,36 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
+import bitsandbytes as bnb
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
+from axolotl.loaders.adapter import load_lora
+from axolotl.utils.train import determine_last_checkpoint
 from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import TrainerCallback, set_seed
 
-from .args import CHAIN_ADAPTERS, LOG, LORA_KERNELS, chain_config_fields, cola_schedule, uses_cola
-from .cola import ColaCallback
+from .cola import ColaCallback, ColaSchedule
 from .config import ChainLoraConfig
-from .cores import default_chain_dims
+from .cores import DEFAULT_LINCHAIN_FACTORS, default_chain_dims
 from .export import ADAPTER_WEIGHTS, fold_to_lora
+from .log import LOG
 
+CHAIN_ADAPTERS = ("linchain", "moslora", "mtlora")
+# COLA runs on these; the plain ones through chain_type "lora"
+COLA_ADAPTERS = ("lora", "qlora", *CHAIN_ADAPTERS)
+LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
 PLAIN_LORA_DIR = "plain_lora"
 
 
 def uses_chain_adapter(cfg) -> bool:
-    return cfg.adapter in CHAIN_ADAPTERS
+    return cfg.get("adapter") in CHAIN_ADAPTERS
+
+
+def uses_cola(cfg) -> bool:
+    """Whether a YAML (raw or validated) asks for a chain of two links or more."""
+    links = cfg.get("cola_links")
+    return isinstance(links, int) and links > 1
 
 
 def builds_adapter(cfg) -> bool:
@@ -35,8 +50,32 @@ def builds_adapter(cfg) -> bool:
     return uses_chain_adapter(cfg) or uses_cola(cfg)
 
 
+def chain_config_fields(cfg) -> dict[str, Any]:
+    """The ChainLoraConfig fields a YAML (raw or validated) with a chain adapter sets."""
+    adapter = cfg.get("adapter")
+    fields: dict[str, Any] = {"chain_type": adapter if adapter != "mtlora" else f"mtlora_{cfg.get('mtlora_structure')}"}
+    if cfg.get("chain_init") is not None:
+        fields["chain_init"] = cfg.get("chain_init")
+    if cfg.get("linchain_dims") is not None:
+        fields["chain_dims"] = list(cfg.get("linchain_dims"))
+    elif cfg.get("linchain_n") not in (None, DEFAULT_LINCHAIN_FACTORS):
+        fields["chain_dims"] = [cfg.get("lora_r")] * (cfg.get("linchain_n") + 1)
+    if cfg.get("mtlora_fused_splits"):
+        fields["chain_fused_splits"] = dict(cfg.get("mtlora_fused_splits"))
+    return fields
+
+
 class ChainLoraPlugin(BasePlugin):
-    """LinChain, MoSLoRA and MTLoRA adapters, and Chain of LoRA (COLA) for any of them or plain LoRA, for axolotl."""
+    """LinChain, MoSLoRA and MTLoRA adapters, and Chain of LoRA for any of them or plain LoRA, in axolotl.
+
+    LinChain: Wang, Zuo, Xuan, Li, Wei, arXiv:2411.00039. MoSLoRA: Wu, Wang, Zhao, Wong, arXiv:2406.11909.
+    MTLoRA: Liang, Wang, Li, Zeng, arXiv:2403.07440. COLA: Xia, Qin, Hazan, arXiv:2401.04151.
+
+    `adapter: linchain | moslora | mtlora` trains delta_W = s * B T A (see `ChainLoraConfig`);
+    `cola_links: M` ties M - 1 knots (see `ColaCallback`). The YAML keys are declared and validated in
+    `axolotl_chainlora.args.ChainLoraArgs`. axolotl calls the hooks below; each does nothing for a
+    config without a chain adapter or COLA.
+    """
 
     def __init__(self):
         super().__init__()
@@ -47,7 +86,7 @@ class ChainLoraPlugin(BasePlugin):
     def register(self, cfg):
         # axolotl turns its LoRA kernels on for lora/qlora before any plugin validator runs, unless the YAML
         # sets them: a COLA run sets them off here, on the raw YAML, and the validator refuses a true one
-        if isinstance(cfg.get("cola_links"), int) and uses_cola(cfg):
+        if uses_cola(cfg):
             for key in LORA_KERNELS:
                 if cfg.get(key) is None:
                     cfg[key] = False
@@ -74,8 +113,6 @@ class ChainLoraPlugin(BasePlugin):
     def load_adapter(self, model, cfg, inference: bool = False, config_only: bool = False):
         if not builds_adapter(cfg):
             return None
-        from axolotl.loaders.adapter import load_lora
-
         # axolotl's own LoraConfig (targets, lora_target_linear, patterns, dropout...) plus the core
         _, lora_config = load_lora(model, cfg, config_only=True)
         config = _chain_config(cfg, lora_config)
@@ -103,7 +140,9 @@ class ChainLoraPlugin(BasePlugin):
         config = _chain_config(cfg, tuner.peft_config["default"])
         tuner.unload()
         tuner.peft_config["default"] = config
-        tuner.inject_adapter(tuner.model, "default", autocast_adapter_dtype=cfg.peft_autocast_adapter_dtype is not False)
+        tuner.inject_adapter(
+            tuner.model, "default", autocast_adapter_dtype=cfg.peft_autocast_adapter_dtype is not False
+        )
         tuner.set_adapter("default")
         LOG.info("adapter: %s with COLA: LoRA layers rebuilt as chain layers (chain_type 'lora')", cfg.adapter)
         model.print_trainable_parameters()
@@ -111,7 +150,7 @@ class ChainLoraPlugin(BasePlugin):
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         callbacks = []
         if uses_cola(cfg):
-            callbacks.append(ColaCallback(cola_schedule(cfg), trainer))
+            callbacks.append(ColaCallback(ColaSchedule.from_yaml(cfg), trainer))
         if builds_adapter(cfg) and cfg.chain_export_lora:
             callbacks.append(_RecordTrainingEnd(self))
         return callbacks
@@ -150,8 +189,6 @@ def _file_version(path: Path) -> tuple[int, int, int]:
 
 def _require_quantized_base(cfg, model) -> None:
     """Fail rather than train a chain adapter on an unquantized base the user asked to quantize."""
-    import bitsandbytes as bnb
-
     wanted = bnb.nn.Linear4bit if cfg.load_in_4bit else bnb.nn.Linear8bitLt
     if not any(isinstance(module, wanted) for module in model.modules()):
         raise RuntimeError(
@@ -171,10 +208,8 @@ def _chain_config(cfg, lora_config) -> ChainLoraConfig:
 def _links_of_resumed_checkpoint(cfg) -> dict:
     """The rank and tied links of the COLA checkpoint this run will resume from, so that the adapter is built
     in its shape before the trainer loads it (axolotl picks the checkpoint only after building the model)."""
-    checkpoint = cfg.resume_from_checkpoint
-    if not checkpoint and cfg.auto_resume_from_checkpoints:
-        numbered = [p for p in Path(cfg.output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-        checkpoint = max(numbered, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    # axolotl's own choice (resume_from_checkpoint, else the last checkpoint with auto_resume), made now
+    checkpoint = determine_last_checkpoint(cfg)
     saved_config = Path(checkpoint or "") / "adapter_config.json"
     if not checkpoint or not saved_config.is_file():
         return {}

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import LoraVariant
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import transpose
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .config import ChainLoraConfig
 from .cores import ChainCore, draw_into
+
+if TYPE_CHECKING:
+    from .config import ChainLoraConfig
 
 
 class FusedLoraB(nn.Module):
@@ -117,7 +118,8 @@ class ChainLoraLayer:
         self._register_load_state_dict_pre_hook(_refuse_incomplete_adapter_tensors, with_module=True)
 
     def resolve_lora_variant(self, *, config, **kwargs):
-        if isinstance(config, ChainLoraConfig):
+        # a ChainLoraConfig: config.py builds on this module, so it is known by its chain_type field
+        if getattr(config, "chain_type", None) is not None:
             return ChainVariant()
         # a plain LoraConfig adapter added to this layer stays plain LoRA
         return super().resolve_lora_variant(config=config, **kwargs)
@@ -194,7 +196,9 @@ class ChainLoraLayer:
         """Append the current link's update to the tied links, and add it to the base weight when `into_base`.
         Returns the squared Frobenius norm of the tied update."""
         if not into_base and adapter in self.tied_in_base:
-            raise ValueError(f"The tied links of adapter '{adapter}' are in the base weight: tie the next one there too.")
+            raise ValueError(
+                f"The tied links of adapter '{adapter}' are in the base weight: tie the next one there too."
+            )
         B, A = self.link_factors(adapter)
         dtype = self.lora_A[adapter].weight.dtype
         # copies: A' = A itself when there is no core, and the new link is drawn into A in place
@@ -300,43 +304,3 @@ def _size_tied_factors_to_saved(module, state_dict, prefix) -> None:
 
 class Linear(ChainLoraLayer, LoraLinear):
     """torch.nn.Linear, or transformers' Conv1D (fan_in_fan_out=True)."""
-
-
-def _base_layer(target: nn.Module) -> nn.Module:
-    return target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-
-
-def _dispatch_linear(target: nn.Module, adapter_name: str, config: ChainLoraConfig, **kwargs) -> Linear:
-    base_layer = _base_layer(target)
-    is_conv1d = isinstance(base_layer, Conv1D)
-    if bool(config.fan_in_fan_out) != is_conv1d:
-        raise ValueError(
-            f"fan_in_fan_out={config.fan_in_fan_out} does not fit module '{kwargs.get('target_name')}' of type "
-            f"{type(base_layer).__name__}: set fan_in_fan_out={is_conv1d} "
-            "(True for transformers' Conv1D as in GPT-2, False for torch.nn.Linear)."
-        )
-    return Linear(target, adapter_name, config=config, is_target_conv_1d_layer=is_conv1d, **kwargs)
-
-
-def _refuse_unsupported_target(target: nn.Module, adapter_name: str, config: ChainLoraConfig, **kwargs):
-    layer_type = type(_base_layer(target))
-    raise TypeError(
-        f"chain_type={config.chain_type!r} cannot adapt module '{kwargs.get('target_name')}' of type "
-        f"{layer_type.__module__}.{layer_type.__qualname__}. Chain adapters support torch.nn.Linear, "
-        "transformers' Conv1D and bitsandbytes Linear4bit/Linear8bitLt: remove this module from "
-        "target_modules or add it to exclude_modules."
-    )
-
-
-@functools.cache
-def chain_layer_mapping() -> dict[type, object]:
-    """Target type -> layer factory for LoraConfig._register_custom_module. PEFT takes the first
-    isinstance match, so bnb layers (which subclass nn.Linear) come first and the refusal last."""
-    from .bnb import BNB_LAYER_MAPPING  # bnb.py builds on this module
-
-    return {
-        **BNB_LAYER_MAPPING,
-        Conv1D: _dispatch_linear,
-        nn.Linear: _dispatch_linear,
-        nn.Module: _refuse_unsupported_target,
-    }

@@ -1,7 +1,15 @@
 """The cores: the small learnable matrix T that sits between LoRA's A and B.
 
-Math only, no PEFT: every adapter here computes delta_W = s * B @ T @ A, and this
-module builds T for each method, counts its parameters and initialises it.
+Every adapter here computes delta_W = s * B @ T @ A (Hu et al., LoRA, arXiv:2106.09685, with T = I):
+- MoSLoRA (Wu, Wang, Zhao, Wong, "Mixture-of-Subspaces in Low-Rank Adaptation", arXiv:2406.11909):
+  T = M, one learnable r x r mixer;
+- LinChain (Wang, Zuo, Xuan, Li, Wei, "Linear Chain Transformation: Expanding Optimization Dynamics
+  for Fine-Tuning Large Language Models", arXiv:2411.00039): T = W1 @ W2 @ ... @ Wn, a chain of n
+  factors W_i of shape d_{i-1} x d_i with d0 = dn = r;
+- MTLoRA (Liang, Wang, Li, Zeng, "Matrix-Transformation Based Low-Rank Adaptation", arXiv:2403.07440):
+  SHIM T = C, ICFM T = C @ C^T, CTCM T = C @ D, DTSM T = C + D.
+
+Math only, no PEFT: this module builds T for each method, counts its parameters and initialises it.
 """
 
 from __future__ import annotations
@@ -16,19 +24,19 @@ from torch import nn
 CHAIN_TYPES = (
     "lora",  # no core (T = I): plain LoRA in the chain layers, for COLA on plain LoRA
     "moslora",  # Wu et al. 2024: one r x r mixer M
-    "linchain",  # LinChain: T = W1 @ W2 @ ... @ Wn
+    "linchain",  # LinChain: T = W1 @ W2 @ ... @ Wn, n factors
     "mtlora_shim",  # MTLoRA: T = C
     "mtlora_icfm",  # MTLoRA: T = C @ C^T
     "mtlora_ctcm",  # MTLoRA: T = C @ D
     "mtlora_dtsm",  # MTLoRA: T = C + D
 )
 CHAIN_INITS = ("kaiming", "identity", "orthogonal")
-DEFAULT_LINCHAIN_LINKS = 3
+DEFAULT_LINCHAIN_FACTORS = 3
 
 
 def default_chain_dims(r: int) -> list[int]:
-    """LinChain-3-r, the LinChain paper's default: three r x r links."""
-    return [r] * (DEFAULT_LINCHAIN_LINKS + 1)
+    """LinChain-3-r, the LinChain paper's default: three r x r factors."""
+    return [r] * (DEFAULT_LINCHAIN_FACTORS + 1)
 
 
 def core_shapes(chain_type: str, r: int, chain_dims: list[int] | None = None) -> list[tuple[int, int]]:
@@ -115,7 +123,7 @@ class ChainCore(nn.Module):
         return torch.linalg.multi_dot(factors) if len(factors) > 1 else factors[0]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # one r x r matmul on the activations, however many links the chain has
+        # one r x r matmul on the activations, however many factors the chain has
         return F.linear(hidden, self.matrix()) if self.param_names else hidden
 
     def extra_repr(self) -> str:

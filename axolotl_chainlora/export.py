@@ -18,37 +18,56 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import transformers
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict
 from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ChainLoraConfig
 from .cores import ChainCore
 from .layer import link_factors
 
+ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def fold_to_lora(
     model_or_adapter_dir: PeftModel | str | os.PathLike, out_dir: str | os.PathLike, adapter_name: str = "default"
 ) -> Path:
-    """Write the chain adapter as a plain PEFT LoRA adapter with the same outputs.
+    """Write a chain adapter as the plain PEFT LoRA adapter with the same outputs, for any LoRA server.
 
-    Takes a PeftModel holding the chain adapter `adapter_name`, or a saved chain adapter
-    directory (no base model needed). Returns `out_dir`.
+    A chain adapter (MoSLoRA, arXiv:2406.11909; LinChain, arXiv:2411.00039; MTLoRA, arXiv:2403.07440)
+    is a LoRA whose A is T A:
+
+        s B T A = s B' A',    A' = T A,  B' = B          (computed in float64)
+
+    The links Chain of LoRA (arXiv:2401.04151) tied are stacked in: A' = [A_tied; T A],
+    B' = [B_tied, s B] / s_R, a plain LoRA of rank R = sum(r_i) and scale s_R. A fused projection's
+    blockdiag(B_1..B_k) becomes its B'. The global r is the rank most modules have; the others are
+    listed by exact module name in `rank_pattern`.
+
+    Args:
+        model_or_adapter_dir: a PeftModel holding the chain adapter, or a saved chain adapter directory
+            (no base model needed).
+        out_dir: a new directory; it is written whole or not at all.
+        adapter_name: the adapter of a PeftModel to fold.
+
+    Returns:
+        `out_dir`.
+
+    Raises:
+        ValueError: the adapter is not a chain adapter, or its files are damaged or disagree.
+        FileNotFoundError: the adapter directory lacks adapter_config.json or adapter_model.safetensors.
+        FileExistsError: `out_dir` exists and is not empty.
     """
     if isinstance(model_or_adapter_dir, PeftModel):
-        source = f"adapter '{adapter_name}' of the model"
         config = model_or_adapter_dir.peft_config[adapter_name]
         tensors = get_peft_model_state_dict(model_or_adapter_dir, adapter_name=adapter_name)
+        _require_chain_adapter(config, f"adapter '{adapter_name}' of the model")
     else:
-        source = str(model_or_adapter_dir)
-        config = PeftConfig.from_pretrained(source)
-        tensors = _load_adapter_tensors(Path(model_or_adapter_dir))
-    if not isinstance(config, ChainLoraConfig):
-        raise ValueError(
-            f"{source} holds a {type(config).__name__}, not a chain adapter: a plain LoRA needs no folding."
-        )
+        config, tensors = read_adapter(Path(model_or_adapter_dir))
+        _require_chain_adapter(config, str(model_or_adapter_dir))
     lora_config, lora_tensors = fold_tensors(config, tensors)
 
     def write(tmp_dir: Path) -> None:
@@ -133,11 +152,30 @@ def _exact_module_pattern(module_key: str) -> str:
     return re.escape(module_key.removeprefix("base_model.model."))
 
 
-def _load_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    weights = adapter_dir / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: export reads adapters saved in safetensors format.")
-    return load_file(str(weights))
+def read_adapter(adapter_dir: Path) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """A saved adapter's config and tensors; a missing or damaged file is named in a one-line error."""
+    config_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    for path in (config_file, weights):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: export reads adapters saved by save_pretrained (safetensors).")
+    try:
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+    except (ValueError, TypeError, KeyError) as error:  # invalid JSON, unknown fields or peft_type
+        raise ValueError(f"{config_file} is not a readable PEFT adapter config: {error}") from error
+    try:
+        tensors = load_file(str(weights))
+    except SafetensorError as error:
+        raise ValueError(
+            f"{weights} is not a readable safetensors file ({error}): it is truncated or damaged."
+        ) from error
+    return config, tensors
+
+
+def _require_chain_adapter(config: PeftConfig, source: str) -> None:
+    if not isinstance(config, ChainLoraConfig):
+        raise ValueError(
+            f"{source} holds a {type(config).__name__}, not a chain adapter: a plain LoRA needs no folding."
+        )
 
 
 MODEL_CLASS_FOR_TASK = {
@@ -153,10 +191,27 @@ MODEL_CLASS_FOR_TASK = {
 def merge_to_full_model(
     adapter_dir: str | os.PathLike, base_model: str | os.PathLike, out_dir: str | os.PathLike
 ) -> Path:
-    """Merge the adapter into `base_model` (in its own dtype, unquantized) and save it in safetensors."""
-    import transformers
+    """Merge a saved adapter (a chain adapter, or plain LoRA) into its base model and save the full model in safetensors.
 
-    config = PeftConfig.from_pretrained(str(adapter_dir))
+    W = W0 + s B T A (plus every link Chain of LoRA tied), computed by PEFT's `merge_and_unload(safe_merge=True)`
+    through the chain layers, on the base loaded unquantized in its own dtype. The base's tokenizer files
+    are copied beside the weights.
+
+    Args:
+        adapter_dir: a saved chain adapter directory.
+        base_model: the directory (or hub id, when online) of the model the adapter was trained on.
+        out_dir: a new directory; it is written whole or not at all.
+
+    Returns:
+        `out_dir`.
+
+    Raises:
+        ValueError: the adapter's files are damaged, or the merge gives non-finite weights.
+        FileNotFoundError: the adapter directory lacks adapter_config.json or adapter_model.safetensors.
+        FileExistsError: `out_dir` exists and is not empty.
+    """
+    # checked before the base model loads: a bad adapter fails in a second, naming the file
+    config, _ = read_adapter(Path(adapter_dir))
     model_class = getattr(transformers, MODEL_CLASS_FOR_TASK.get(config.task_type, "AutoModel"))
     model = model_class.from_pretrained(str(base_model), dtype="auto")
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(safe_merge=True)

@@ -16,6 +16,19 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from . import example_configs
+
+DEMO_CONFIG = "demo.yml"
 
 
 def demo_records(count: int = 256, seed: int = 0) -> list[dict[str, str]]:
@@ -46,9 +59,6 @@ def alpaca_text(record: dict[str, str]) -> str:
 
 def build_tiny_llama(out_dir: Path, texts: list[str], seed: int = 0) -> Path:
     """Save a random tiny Llama and a byte-level BPE tokenizer trained on `texts` to `out_dir`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     special = ["<unk>", "<s>", "</s>", "<pad>"]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -90,7 +100,7 @@ def prepare_demo(out_dir: Path) -> Path:
     (out_dir / "data.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     build_tiny_llama(out_dir / "base", [alpaca_text(record) for record in records])
     config = out_dir / "config.yml"
-    config.write_text((resources.files(__package__) / "demo_config.yml").read_text())
+    config.write_text((resources.files(example_configs) / DEMO_CONFIG).read_text())
     return config
 
 
@@ -122,11 +132,6 @@ def mean_response_loss(model, tokenizer, records: list[dict[str, str]]) -> float
 def run_demo(out_dir: str | Path) -> dict[str, float]:
     """Train LinChain on the tiny model through `axolotl train`, merge with `axolotl merge-lora`,
     and check the adapter, its plain-LoRA fold and the merged model against each other."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import axolotl_chainlora  # noqa: F401  registers the chain adapters with PEFT
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty: choose a new output directory or remove it.")

@@ -1,0 +1,2 @@
+"""axolotl YAML recipes for the chain adapters, shipped inside the package as `axolotl_chainlora.example_configs`
+(`axolotl-chainlora demo` trains demo.yml)."""
