@@ -24,7 +24,15 @@ from .cola import COLA_MERGE_MODES, ColaSchedule
 from .config import ChainLoraConfig, check_chain_settings
 from .cores import DEFAULT_LINCHAIN_FACTORS
 from .log import LOG
-from .plugin import CHAIN_ADAPTERS, COLA_ADAPTERS, LORA_KERNELS, chain_config_fields, uses_chain_adapter, uses_cola
+from .plugin import (
+    CHAIN_ADAPTERS,
+    COLA_ADAPTERS,
+    LORA_KERNELS,
+    builds_adapter,
+    chain_config_fields,
+    uses_chain_adapter,
+    uses_cola,
+)
 
 MTLORA_STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")
 # keys that belong to one adapter only; the others are for every chain adapter
@@ -193,7 +201,8 @@ class ChainLoraArgs(BaseModel):
         _refuse(cfg, refusals, f"adapter: {cfg.get('adapter')}")
         if getattr(cfg.get("peft"), "loftq_config", None):
             raise ValueError(
-                f"peft.loftq_config (LoftQ init) assumes LoRA without a core: remove it for adapter: {cfg.get('adapter')}."
+                "peft.loftq_config (LoftQ init) assumes LoRA without a core: "
+                f"remove it for adapter: {cfg.get('adapter')}."
             )
         return self
 
@@ -207,7 +216,8 @@ class ChainLoraArgs(BaseModel):
             for key in ("cola_knots", "cola_ranks", "cola_reset_optimizer", "cola_merge", "cola_link_warmup_steps"):
                 if _is_set(cfg, key):
                     raise ValueError(
-                        f"{key} is a COLA key, but cola_links is {self.cola_links}: set cola_links >= 2 or remove {key}."
+                        f"{key} is a COLA key, but cola_links is {self.cola_links}: "
+                        f"set cola_links >= 2 or remove {key}."
                     )
         schedule = ColaSchedule.from_yaml(cfg)
         if schedule.links > 1 and cfg.get("adapter") not in COLA_ADAPTERS:
@@ -300,13 +310,13 @@ class ChainLoraArgs(BaseModel):
     @classmethod
     def turn_lora_kernels_off(cls, data: Any) -> Any:
         # axolotl's Triton LoRA kernels compute B A x directly and would skip the core and the tied links
-        if not isinstance(data, dict) or not (uses_chain_adapter(data) or uses_cola(data)):
+        if not isinstance(data, dict) or not builds_adapter(data):
             return data
         for key in LORA_KERNELS:
             if data.get(key):
                 raise ValueError(
-                    f"{key}: true computes plain LoRA (B A x) and would skip the core of adapter: {data.get('adapter')} "
-                    f"and COLA's tied links: set {key}: false or remove it."
+                    f"{key}: true computes plain LoRA (B A x) and would skip the core of "
+                    f"adapter: {data.get('adapter')} and COLA's tied links: set {key}: false or remove it."
                 )
             data[key] = False
         LOG.info("adapter: %s: axolotl's LoRA kernels (%s) are off", data.get("adapter"), ", ".join(LORA_KERNELS))
@@ -316,7 +326,7 @@ class ChainLoraArgs(BaseModel):
     @classmethod
     def use_legacy_merge(cls, data: Any) -> Any:
         # the memory-efficient merge applies B A * s from the safetensors file and would drop the core
-        if not isinstance(data, dict) or not (uses_chain_adapter(data) or uses_cola(data)):
+        if not isinstance(data, dict) or not builds_adapter(data):
             return data
         if data.get("merge_method") == "memory_efficient":
             raise ValueError(

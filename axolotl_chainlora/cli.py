@@ -65,7 +65,8 @@ def run_demo_command(args) -> int:
         return 2
     print(json.dumps(results, indent=2))
     print(
-        f"wrote the base model, config, adapter (out/), plain LoRA (out/plain_lora) and merged model (out/merged) under {args.out_dir}"
+        "wrote the base model, config, adapter (out/), plain LoRA (out/plain_lora) and merged model "
+        f"(out/merged) under {args.out_dir}"
     )
     return 0
 

@@ -39,7 +39,11 @@ COLA_MERGE_MODES = ("auto", "base", "frozen")
 
 @dataclass(frozen=True)
 class ColaSchedule:
-    """A Chain of LoRA schedule (Xia, Qin, Hazan, arXiv:2401.04151): M links, so M - 1 knots.
+    """A schedule of Chain of LoRA: M links, so M - 1 knots.
+
+    Xia, Qin, Hazan, "Chain of LoRA: Efficient Fine-tuning of Language Models via Residual Learning",
+    arXiv:2401.04151 (https://arxiv.org/abs/2401.04151). Link i trains alone between knots i-1 and i;
+    at the end W = W0 + sum_{i=1..M} s_i B_i T_i A_i.
 
     Each field is the axolotl YAML key without its `cola_` prefix.
 
@@ -144,7 +148,10 @@ def is_quantized(layer: ChainLoraLayer) -> bool:
 
 
 class ColaCallback(TrainerCallback):
-    """Chain of LoRA (Xia, Qin, Hazan, arXiv:2401.04151) as a transformers TrainerCallback.
+    """Chain of LoRA as a transformers TrainerCallback.
+
+    Xia, Qin, Hazan, "Chain of LoRA: Efficient Fine-tuning of Language Models via Residual Learning",
+    arXiv:2401.04151 (https://arxiv.org/abs/2401.04151).
 
     Runs `schedule` on the chain adapter `adapter_name` of the trainer's PeftModel (a ChainLoraConfig;
     chain_type 'lora' for plain LoRA). After the optimizer step of each knot, every adapted layer ties

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 from peft import LoraConfig
 
-from .cores import CHAIN_INITS, CHAIN_TYPES
+from .cores import CHAIN_INITS, CHAIN_TYPES, DEFAULT_LINCHAIN_FACTORS
 from .dispatch import chain_layer_mapping
 
 # adapter_config.json says this instead of "LORA": plain PEFT then fails to load our adapters
@@ -151,11 +151,7 @@ def _is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _field_name(field: str) -> str:
-    return field
-
-
-def check_chain_settings(settings: Mapping[str, Any], name: Callable[[str], str] = _field_name) -> None:
+def check_chain_settings(settings: Mapping[str, Any], name: Callable[[str], str] = str) -> None:
     """Every rule on a chain adapter's settings, written once.
 
     `settings` maps ChainLoraConfig field names to values (absent: unset). `name` turns a field name into
@@ -172,14 +168,15 @@ def check_chain_settings(settings: Mapping[str, Any], name: Callable[[str], str]
     if dims is not None:
         if chain_type != "linchain":
             raise ValueError(
-                f"{name('chain_dims')} is for chain_type='linchain' only, not {chain_type!r}: remove {name('chain_dims')}."
+                f"{name('chain_dims')} is for chain_type='linchain' only, not {chain_type!r}: "
+                f"remove {name('chain_dims')}."
             )
         _check_chain_dims(dims, r, name)
         if settings.get("rank_pattern"):
             raise ValueError(
                 f"{name('chain_dims')} fixes the rank of every layer and cannot be combined with "
-                f"{name('rank_pattern')}: remove {name('chain_dims')} (each layer then gets LinChain-3 of its own "
-                f"rank) or {name('rank_pattern')}."
+                f"{name('rank_pattern')}: remove {name('chain_dims')} (each layer then gets "
+                f"LinChain-{DEFAULT_LINCHAIN_FACTORS} of its own rank) or {name('rank_pattern')}."
             )
     splits = settings.get("chain_fused_splits")
     if splits:
@@ -228,10 +225,11 @@ def _check_fused_splits(splits: dict, name: Callable[[str], str]) -> None:
 
 def _refuse_what_assumes_no_core(settings: Mapping[str, Any], name: Callable[[str], str]) -> None:
     """PEFT features whose math assumes plain LoRA, T = I."""
-    if "init_lora_weights" in settings and settings["init_lora_weights"] not in SUPPORTED_LORA_INITS:
+    init = settings.get("init_lora_weights", True)  # absent: PEFT's default
+    if init not in SUPPORTED_LORA_INITS:
         raise ValueError(
-            f"{name('init_lora_weights')}={settings['init_lora_weights']!r} builds A and B for a LoRA without a core (T = I) and would "
-            f"be wrong here: use one of {SUPPORTED_LORA_INITS}."
+            f"{name('init_lora_weights')}={init!r} builds A and B for a LoRA without a core (T = I) and would be "
+            f"wrong here: use one of {SUPPORTED_LORA_INITS}."
         )
     if settings.get("target_parameters"):
         raise ValueError(

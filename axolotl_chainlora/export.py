@@ -37,12 +37,13 @@ def fold_to_lora(
 ) -> Path:
     """Write a chain adapter as the plain PEFT LoRA adapter with the same outputs, for any LoRA server.
 
-    A chain adapter (MoSLoRA, arXiv:2406.11909; LinChain, arXiv:2411.00039; MTLoRA, arXiv:2403.07440)
-    is a LoRA whose A is T A:
+    The chain adapters ("Mixture-of-Subspaces in Low-Rank Adaptation", Wu et al., arXiv:2406.11909;
+    "Linear Chain Transformation", Wang et al., arXiv:2411.00039; "Matrix-Transformation Based Low-Rank
+    Adaptation", Liang et al., arXiv:2403.07440) are each a LoRA whose A is T A:
 
         s B T A = s B' A',    A' = T A,  B' = B          (computed in float64)
 
-    The links Chain of LoRA (arXiv:2401.04151) tied are stacked in: A' = [A_tied; T A],
+    The links Chain of LoRA ("Chain of LoRA", Xia et al., arXiv:2401.04151) tied are stacked in: A' = [A_tied; T A],
     B' = [B_tied, s B] / s_R, a plain LoRA of rank R = sum(r_i) and scale s_R. A fused projection's
     blockdiag(B_1..B_k) becomes its B'. The global r is the rank most modules have; the others are
     listed by exact module name in `rank_pattern`.
@@ -191,11 +192,14 @@ MODEL_CLASS_FOR_TASK = {
 def merge_to_full_model(
     adapter_dir: str | os.PathLike, base_model: str | os.PathLike, out_dir: str | os.PathLike
 ) -> Path:
-    """Merge a saved adapter (a chain adapter, or plain LoRA) into its base model and save the full model in safetensors.
+    """Merge a saved adapter (a chain adapter, or plain LoRA) into its base model; save the full model.
 
-    W = W0 + s B T A (plus every link Chain of LoRA tied), computed by PEFT's `merge_and_unload(safe_merge=True)`
-    through the chain layers, on the base loaded unquantized in its own dtype. The base's tokenizer files
-    are copied beside the weights.
+    For the chain adapters of `fold_to_lora`'s papers and the links of Chain of LoRA (arXiv:2401.04151):
+
+        W = W0 + s B T A + sum over tied links s_i B_i T_i A_i
+
+    computed by PEFT's `merge_and_unload(safe_merge=True)` through the chain layers, on the base loaded
+    unquantized in its own dtype. The base's tokenizer files are copied beside the weights.
 
     Args:
         adapter_dir: a saved chain adapter directory.

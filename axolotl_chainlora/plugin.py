@@ -68,8 +68,14 @@ def chain_config_fields(cfg) -> dict[str, Any]:
 class ChainLoraPlugin(BasePlugin):
     """LinChain, MoSLoRA and MTLoRA adapters, and Chain of LoRA for any of them or plain LoRA, in axolotl.
 
-    LinChain: Wang, Zuo, Xuan, Li, Wei, arXiv:2411.00039. MoSLoRA: Wu, Wang, Zhao, Wong, arXiv:2406.11909.
-    MTLoRA: Liang, Wang, Li, Zeng, arXiv:2403.07440. COLA: Xia, Qin, Hazan, arXiv:2401.04151.
+    - LinChain: Wang, Zuo, Xuan, Li, Wei, "Linear Chain Transformation: Expanding Optimization Dynamics for
+      Fine-Tuning Large Language Models", https://arxiv.org/abs/2411.00039;
+    - MoSLoRA: Wu, Wang, Zhao, Wong, "Mixture-of-Subspaces in Low-Rank Adaptation",
+      https://arxiv.org/abs/2406.11909;
+    - MTLoRA: Liang, Wang, Li, Zeng, "Matrix-Transformation Based Low-Rank Adaptation",
+      https://arxiv.org/abs/2403.07440;
+    - COLA: Xia, Qin, Hazan, "Chain of LoRA: Efficient Fine-tuning of Language Models via Residual Learning",
+      https://arxiv.org/abs/2401.04151.
 
     `adapter: linchain | moslora | mtlora` trains delta_W = s * B T A (see `ChainLoraConfig`);
     `cola_links: M` ties M - 1 knots (see `ColaCallback`). The YAML keys are declared and validated in
