@@ -1,42 +1,36 @@
-"""Shared fixtures: tiny random models built here, nothing downloaded."""
+"""Shared fixtures (tiny random models built here, nothing downloaded) and the e2e and gpu markers."""
 
 from __future__ import annotations
 
 import os
 
+# before torch and transformers are imported: huggingface_hub reads these at import
 for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "AXOLOTL_DO_NOT_TRACK", "DO_NOT_TRACK", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_name, "1")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from helpers import make_input_ids, tiny_gpt2, tiny_llama  # noqa: E402
 
-VOCAB = 96
-
-
-def tiny_llama(hidden_size: int = 32) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+E2E = Path(__file__).parent / "e2e"
 
 
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    return GPT2LMHeadModel(config).eval()
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/e2e is an e2e test; a gpu test is skipped where CUDA is not available."""
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if item.path.is_relative_to(E2E):
+            item.add_marker(pytest.mark.e2e)
+        if not has_cuda and item.get_closest_marker("gpu"):
+            item.add_marker(skip_gpu)
 
 
 @pytest.fixture
 def input_ids() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
+    return make_input_ids()
 
 
 @pytest.fixture(scope="session")
@@ -51,47 +45,3 @@ def tiny_gpt2_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-gpt2")
     tiny_gpt2().save_pretrained(path)
     return str(path)
-
-
-def reference_core(chain_type: str, factors: list[torch.Tensor]) -> torch.Tensor:
-    """T by the papers' definitions (DESIGN.md section 1), in float64; independent of cores.py.
-
-    `factors` are the core's tensors in the order weight, weight_1, ...
-    """
-    factors = [f.detach().double() for f in factors]
-    if chain_type in ("moslora", "mtlora_shim"):
-        (C,) = factors
-        return C
-    if chain_type == "linchain":
-        T = factors[0]
-        for link in factors[1:]:
-            T = T @ link
-        return T
-    if chain_type == "mtlora_icfm":
-        (C,) = factors
-        return C @ C.T
-    if chain_type == "mtlora_ctcm":
-        C, D = factors
-        return C @ D
-    if chain_type == "mtlora_dtsm":
-        C, D = factors
-        return C + D
-    raise AssertionError(chain_type)
-
-
-def saved_core_factors(tensors: dict[str, torch.Tensor], module_key: str) -> list[torch.Tensor]:
-    """One module's core tensors from a saved adapter file, in float64, ordered weight, weight_1, weight_2, ..."""
-    prefix = f"{module_key}.lora_core."
-    names = [key[len(prefix) :] for key in tensors if key.startswith(prefix)]
-    expected = ["weight"] + [f"weight_{i}" for i in range(1, len(names))]
-    assert sorted(names) == sorted(expected), names
-    return [tensors[prefix + name].double() for name in expected]
-
-
-def randomize_adapters(model: torch.nn.Module, seed: int = 3) -> None:
-    """Give every adapter tensor (B included) non-zero values, so outputs really depend on them."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)

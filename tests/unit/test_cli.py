@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import CLI, WEIGHTS, offline_env
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from axolotl_chainlora import ChainLoraConfig
 from axolotl_chainlora.cli import main
 
-CLI = Path(sys.executable).parent / "axolotl-chainlora"
-WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([str(CLI), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([str(CLI), *args], cwd=cwd, env=offline_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +55,12 @@ def test_export_prints_one_line_and_no_warnings(adapter_dir, tmp_path):
 
 def test_without_the_package_the_same_imports_are_noisy(tmp_path):
     """The control: what the command hides is real noise of these libraries' imports on this machine."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", "import peft, bitsandbytes"], cwd=tmp_path, env=env, capture_output=True, text=True
+        [sys.executable, "-c", "import peft, bitsandbytes"],
+        cwd=tmp_path,
+        env=offline_env(),
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0
     assert "kernels-community" in result.stderr

@@ -8,7 +8,6 @@ own loader, or the fold/merge math written out here in float64.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, randomize_adapters, reference_core, saved_core_factors
+from helpers import (
+    ALPHA,
+    CLI,
+    SCALE,
+    TARGETS,
+    WEIGHTS,
+    R,
+    chain_model,
+    logits_of,
+    make_input_ids,
+    offline_env,
+    randomize_adapters,
+    reference_core,
+    saved_core_factors,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -28,50 +41,14 @@ from axolotl_chainlora.cli import main as cli_main
 
 # written out here rather than imported, so a chain type dropped from the package fails these tests
 CHAIN_TYPES = ("moslora", "linchain", "mtlora_shim", "mtlora_icfm", "mtlora_ctcm", "mtlora_dtsm")
-R, ALPHA = 4, 8
-SCALE = ALPHA / R
-LINCHAIN_DIMS = [4, 8, 4]
-LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
 TOL = 1e-5
-WEIGHTS = "adapter_model.safetensors"
 Q_PROJ_0 = "base_model.model.model.layers.0.self_attn.q_proj"
-CLI = Path(sys.executable).parent / "axolotl-chainlora"
 SUBPROCESS_TIMEOUT = 300
-
-
-def offline_env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    env["OMP_NUM_THREADS"] = "1"  # several of these run at once on few cores
-    return env
-
-
-def make_input_ids() -> torch.Tensor:
-    """The ids of conftest's `input_ids` fixture, for module-scoped fixtures that cannot use it."""
-    return torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
-
-
-def logits_of(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape
     return (a.double() - b.double()).abs().max().item()
-
-
-def chain_llama(base_dir: str, chain_type: str, seed: int) -> PeftModel:
-    config = ChainLoraConfig(
-        r=R,
-        lora_alpha=ALPHA,
-        target_modules=LLAMA_TARGETS,
-        chain_type=chain_type,
-        chain_dims=LINCHAIN_DIMS if chain_type == "linchain" else None,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
-    randomize_adapters(model, seed=seed)
-    return model.eval()
 
 
 def run_concurrently(commands: dict[str, list[str]], log_dir: Path) -> dict[str, subprocess.CompletedProcess]:
@@ -80,7 +57,9 @@ def run_concurrently(commands: dict[str, list[str]], log_dir: Path) -> dict[str,
     running = {}
     for name, command in commands.items():
         stdout, stderr = open(log_dir / f"{name}.out", "w"), open(log_dir / f"{name}.err", "w")
-        running[name] = (subprocess.Popen(command, stdout=stdout, stderr=stderr, env=offline_env()), stdout, stderr)
+        # several of these run at once on few cores
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=offline_env(OMP_NUM_THREADS="1"))
+        running[name] = (process, stdout, stderr)
     results = {}
     for name, (process, stdout, stderr) in running.items():
         try:
@@ -140,7 +119,8 @@ def llama_chains(tiny_llama_dir, base_llama_logits, tmp_path_factory) -> dict[st
     root = tmp_path_factory.mktemp("llama-chains")
     chains = {}
     for seed, chain_type in enumerate(CHAIN_TYPES, start=3):
-        model = chain_llama(tiny_llama_dir, chain_type, seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        model = chain_model(chain_type, base, seed=seed, task_type="CAUSAL_LM")
         assert model.peft_config["default"].base_model_name_or_path == tiny_llama_dir
         adapter_dir = root / chain_type
         model.save_pretrained(str(adapter_dir))
@@ -194,10 +174,6 @@ def plain_peft_fold_logits(llama_chains, tiny_llama_dir, tmp_path_factory) -> di
 # --- 1. the fold loads in plain PEFT with the chain model's outputs -----------------------------
 
 
-def test_input_ids_match_conftest_fixture(input_ids):
-    assert torch.equal(make_input_ids(), input_ids)
-
-
 @pytest.mark.parametrize("chain_type", CHAIN_TYPES)
 def test_fold_loads_in_plain_peft_with_same_logits(chain_type, llama_chains, plain_peft_fold_logits):
     chain = llama_chains[chain_type]
@@ -213,7 +189,7 @@ def test_fold_loads_in_plain_peft_with_same_logits(chain_type, llama_chains, pla
     assert config["r"] == R and config["lora_alpha"] == ALPHA
     assert not any(key.startswith("chain_") for key in config), "chain fields left in a plain LoRA config"
     assert config["rank_pattern"] == {} and config["alpha_pattern"] == {}
-    assert sorted(config["target_modules"]) == sorted(LLAMA_TARGETS)
+    assert sorted(config["target_modules"]) == sorted(TARGETS)
 
     folded = load_file(str(chain.fold_dir / WEIGHTS))
     assert not [key for key in folded if "lora_core" in key]

@@ -1,7 +1,7 @@
 """COLA through the real `axolotl` CLI on the demo's tiny Llama: train with knots, resume across a knot,
 export and merge, a 4-bit base, and a bad schedule refused before any model loads.
 
-Runtime on a 2-core CPU: about 2 minutes; independent runs go two at a time.
+Runtime on a 2-core CPU: about 70 seconds; independent runs go two at a time.
 """
 
 from __future__ import annotations
@@ -11,21 +11,12 @@ import re
 
 import pytest
 import torch
+from helpers import load_base, logits_of, output_of, require_success, run_all, write_config
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
-from test_axolotl_e2e import (  # noqa: F401  workspace: the demo's model and data, one per module
-    load_base,
-    logits_of,
-    output_of,
-    require_success,
-    run_all,
-    workspace,
-    write_config,
-)
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import axolotl_chainlora  # noqa: F401  registers LORA_CHAIN with PEFT
-from axolotl_chainlora.demo import alpaca_text, demo_records
 
 COLA = {"cola_links": 3, "cola_knots": [4, 8], "cola_ranks": [8, 4, 4], "max_steps": 12}
 RUNS = {
@@ -37,7 +28,8 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def trained(workspace):
+def cola_runs(workspace):
+    """`axolotl train` for every run of RUNS and for a schedule with too few knots."""
     configs = {name: write_config(workspace, name, **changes) for name, changes in RUNS.items()}
     bad = write_config(workspace, "bad-knots", adapter="lora", cola_links=3, cola_knots=[0.5])
     jobs = {f"train-{name}": ["train", config] for name, config in configs.items()}
@@ -46,23 +38,17 @@ def trained(workspace):
 
 
 @pytest.fixture(scope="module")
-def after_training(workspace, trained):
+def after_training(workspace, cola_runs):
     """The run resumed from checkpoint-6 (between the knots) and merge-lora of the plain-LoRA COLA run."""
-    require_success(trained["train-lora"], "axolotl train (lora + COLA)")
+    require_success(cola_runs["train-lora"], "axolotl train (lora + COLA)")
     resumed = write_config(
         workspace, "resumed", **RUNS["lora"], resume_from_checkpoint=str(workspace / "out-lora" / "checkpoint-6")
     )
     return run_all(workspace, {"train-resumed": ["train", resumed], "merge-lora": ["merge-lora", "lora.yml"]})
 
 
-@pytest.fixture(scope="module")
-def probe(workspace):
-    tokenizer = AutoTokenizer.from_pretrained(workspace / "base")
-    return dict(tokenizer([alpaca_text(r) for r in demo_records(count=4, seed=7)], return_tensors="pt", padding=True))
-
-
-def test_knots_are_tied_logged_and_every_link_is_saved(workspace, trained):
-    log = output_of(trained["train-lora"])
+def test_knots_are_tied_logged_and_every_link_is_saved(workspace, cola_runs):
+    log = output_of(cola_runs["train-lora"])
     for link, step in ((1, 4), (2, 8)):
         assert re.search(rf"'cola/link': {link}, 'cola/knot_step': {step}, 'cola/tied_update_norm': '[0-9.e-]+'", log)
     assert "tied links added into the base weights" in log
@@ -80,6 +66,7 @@ def test_knots_are_tied_logged_and_every_link_is_saved(workspace, trained):
     assert all(final[key].shape[0] == 4 for key in final if key.endswith(".lora_A.weight"))  # the last link, rank 4
 
 
+@pytest.mark.slow  # alone, with the two rounds of axolotl runs it needs: about 75 s
 def test_resume_between_knots_matches_the_uninterrupted_run(workspace, after_training):
     require_success(after_training["train-resumed"], "axolotl train resumed from checkpoint-6")
     whole = load_file(workspace / "out-lora" / "adapter_model.safetensors")
@@ -90,6 +77,7 @@ def test_resume_between_knots_matches_the_uninterrupted_run(workspace, after_tra
     assert "'cola/link': 2, 'cola/knot_step': 8" in output_of(after_training["train-resumed"])
 
 
+@pytest.mark.slow  # alone, with the two rounds of axolotl runs it needs: about 75 s
 def test_export_and_merge_equal_the_cola_adapter(workspace, after_training, probe):
     chain = PeftModel.from_pretrained(load_base(workspace), workspace / "out-lora").eval()
     chain_logits = logits_of(chain, probe)
@@ -107,8 +95,8 @@ def test_export_and_merge_equal_the_cola_adapter(workspace, after_training, prob
 
 
 @pytest.mark.parametrize("name", ["linchain", "qlora"])
-def test_cola_on_a_chain_adapter_and_on_a_4bit_base(workspace, trained, name):
-    result = trained[f"train-{name}"]
+def test_cola_on_a_chain_adapter_and_on_a_4bit_base(workspace, cola_runs, name):
+    result = cola_runs[f"train-{name}"]
     require_success(result, f"axolotl train ({name} + COLA)")
     assert "'cola/link': 1, 'cola/knot_step': 4" in output_of(result)
     assert "tied links kept as frozen factors beside the base" in output_of(result)
@@ -117,8 +105,8 @@ def test_cola_on_a_chain_adapter_and_on_a_4bit_base(workspace, trained, name):
     assert saved["chain_type"] == ("linchain" if name == "linchain" else "lora")
 
 
-def test_bad_schedule_fails_before_any_model_loads(workspace, trained):
-    result = trained["train-bad-knots"]
+def test_bad_schedule_fails_before_any_model_loads(workspace, cola_runs):
+    result = cola_runs["train-bad-knots"]
     output = output_of(result)
     assert result.returncode != 0
     assert "cola_knots=[0.5] has 1 knots, but cola_links=3 needs 2" in output, output[-3000:]

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).parents[1] / "bench"
+from helpers import REPO, offline_env
+
+BENCH = REPO / "bench"
 
 
 def run_bench(script: str, out_dir: Path) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [sys.executable, str(BENCH / script), "--preset", "smoke", "--device", "cpu", "--out", str(out_dir)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=offline_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (written,) = out_dir.glob(f"{script.removesuffix('.py')}-smoke*.json")
     return json.loads(written.read_text())

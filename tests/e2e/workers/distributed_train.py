@@ -7,12 +7,11 @@ import sys
 
 import torch
 import torch.distributed as dist
+from helpers import VOCAB
 from ranks import save_and_finish, start
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
-
-from conftest import VOCAB  # ranks puts tests/ on the path
 
 out_dir, chain_type, engine = sys.argv[1:4]
 rank, model = start(chain_type)

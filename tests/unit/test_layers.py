@@ -7,7 +7,19 @@ import json
 
 import pytest
 import torch
-from conftest import randomize_adapters, reference_core, tiny_gpt2, tiny_llama
+from helpers import (
+    ALPHA,
+    LINCHAIN_DIMS,
+    TARGETS,
+    R,
+    chain_config,
+    chain_model,
+    core_factors,
+    randomize_adapters,
+    reference_core,
+    tiny_gpt2,
+    tiny_llama,
+)
 from peft import (
     AutoPeftModelForCausalLM,
     LoraConfig,
@@ -23,29 +35,6 @@ from axolotl_chainlora import CHAIN_TYPES, ChainLoraConfig, core_parameter_count
 
 # the types with a core; 'lora' (no core, for COLA) is tested in test_cola.py
 CORE_TYPES = [chain_type for chain_type in CHAIN_TYPES if chain_type != "lora"]
-
-R, ALPHA = 4, 8
-TARGETS = ["q_proj", "v_proj", "down_proj"]
-LINCHAIN_DIMS = [R, 2 * R, R]
-
-
-def chain_config(chain_type: str, **overrides) -> ChainLoraConfig:
-    kwargs = dict(r=R, lora_alpha=ALPHA, target_modules=TARGETS, chain_type=chain_type)
-    if chain_type == "linchain":
-        kwargs["chain_dims"] = LINCHAIN_DIMS
-    kwargs.update(overrides)
-    return ChainLoraConfig(**kwargs)
-
-
-def core_factors(layer, adapter="default") -> list[torch.Tensor]:
-    core = layer.lora_core[adapter]
-    return [param for _, param in sorted(core.named_parameters(), key=lambda item: (len(item[0]), item[0]))]
-
-
-def chain_model(chain_type: str, base=None, **overrides):
-    model = get_peft_model(base if base is not None else tiny_llama(), chain_config(chain_type, **overrides))
-    randomize_adapters(model)
-    return model.eval()
 
 
 def q_proj(model):
@@ -100,7 +89,7 @@ def test_output_equals_base_at_initialisation(chain_type, chain_init, input_ids)
 @pytest.mark.parametrize("chain_type", CORE_TYPES)
 def test_identity_and_orthogonal_inits(chain_type):
     for chain_init in ("identity", "orthogonal"):
-        # square links (the default [r, r, r, r]): a widening chain of semi-orthogonal links is a contraction
+        # square factors (the default [r, r, r, r]): a widening chain of semi-orthogonal factors is a contraction
         model = get_peft_model(tiny_llama(), chain_config(chain_type, chain_init=chain_init, chain_dims=None))
         T = reference_core(chain_type, core_factors(q_proj(model)))
         eye = torch.eye(R, dtype=torch.float64)
@@ -208,7 +197,7 @@ def test_trainable_reload_continues_training(tiny_llama_dir, tmp_path, input_ids
         AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path, is_trainable=True
     )
     trainable = [name for name, param in reloaded.named_parameters() if param.requires_grad]
-    assert sum(".lora_core." in name for name in trainable) == 2 * len(TARGETS) * 2  # 2 layers, 2 links
+    assert sum(".lora_core." in name for name in trainable) == 2 * len(TARGETS) * 2  # 2 layers, 2 factors
 
 
 def test_multiple_named_adapters(input_ids):
@@ -255,7 +244,7 @@ def test_plain_lora_adapter_beside_a_chain_adapter(input_ids):
 
 
 def expected_core_parameters(chain_type: str, r: int, dims: list[int] | None) -> int:
-    """The papers' counts (DESIGN.md section 1), written out independently of cores.py."""
+    """The papers' parameter counts of the core, written out independently of cores.py."""
     if chain_type == "linchain":
         return sum(a * b for a, b in zip(dims, dims[1:]))
     return {"moslora": r * r, "mtlora_shim": r * r, "mtlora_icfm": r * r}.get(chain_type, 2 * r * r)
@@ -281,7 +270,7 @@ def test_public_core_parameter_count_matches_formula(chain_type):
     assert core_parameter_count(chain_type, 8, dims) == expected_core_parameters(chain_type, 8, dims)
 
 
-def test_linchain_default_is_three_square_links_as_in_the_paper():
+def test_linchain_default_is_three_square_factors_as_in_the_paper():
     model = get_peft_model(
         tiny_llama(), ChainLoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"], chain_type="linchain")
     )

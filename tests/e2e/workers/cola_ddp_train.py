@@ -6,11 +6,11 @@ usage: cola_ddp_train.py OUT_DIR CHAIN_TYPE MERGE
 import sys
 
 import torch
+from helpers import VOCAB
 from ranks import save_and_finish, start
 from torch.nn.parallel import DistributedDataParallel
 
 from axolotl_chainlora.cola import ColaCallback, ColaSchedule
-from conftest import VOCAB  # ranks puts tests/ on the path
 
 out_dir, chain_type, merge = sys.argv[1:4]
 rank, model = start(chain_type)
@@ -29,7 +29,11 @@ for step in range(1, 7):
     optimizer.step()
     if step in (2, 4):
         cola.tie_knot(model, optimizer, step=step, seed=42)
-        snapshots.append({name: tensor.detach().clone() for name, tensor in model.state_dict().items() if "lora_" in name})
+        snapshots.append(
+            {name: tensor.detach().clone() for name, tensor in model.state_dict().items() if "lora_" in name}
+        )
         # the base weights too: a base merge changes them
-        snapshots[-1].update({name: t.detach().clone() for name, t in model.state_dict().items() if "base_layer" in name})
+        snapshots[-1].update(
+            {name: t.detach().clone() for name, t in model.state_dict().items() if "base_layer" in name}
+        )
 save_and_finish(snapshots, f"{out_dir}/cola-{merge}-rank{rank}.pt")

@@ -25,16 +25,15 @@ from axolotl.integrations.base import PluginManager
 from axolotl.utils.config import prepare_plugins, validate_config
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.tee import close_debug_log
+from helpers import PLUGIN
 from pydantic import ValidationError
 from transformers import BitsAndBytesConfig
 
 from axolotl_chainlora import ChainLoraConfig
 from axolotl_chainlora.args import ChainLoraArgs
-from axolotl_chainlora.plugin import chain_config_fields
 from axolotl_chainlora.demo import prepare_demo
-from axolotl_chainlora.plugin import ChainLoraPlugin
+from axolotl_chainlora.plugin import ChainLoraPlugin, chain_config_fields
 
-PLUGIN = "axolotl_chainlora.ChainLoraPlugin"
 # axolotl 0.21 loads entry-point plugins for every config; 0.19 only what `plugins:` lists
 FINDS_ENTRY_POINTS = hasattr(axolotl_plugins, "get_builtin_plugins")
 requires_entry_points = pytest.mark.skipif(
@@ -204,8 +203,10 @@ def chain_plugins() -> list[ChainLoraPlugin]:
         ),
         pytest.param(
             {"linchain_n": 2, "lora_rank_pattern": {"q_proj": 4}},
-            [r"linchain_n fixes the rank of every layer and cannot be combined with lora_rank_pattern",
-             r"remove linchain_n"],
+            [
+                r"linchain_n fixes the rank of every layer and cannot be combined with lora_rank_pattern",
+                r"remove linchain_n",
+            ],
             id="n-with-rank-pattern",
         ),
     ],
@@ -314,8 +315,10 @@ def _combination_cases():
         cases.append(
             (
                 {"peft_init_lora_weights": init},
-                [rf"adapter: {{a}}: peft_init_lora_weights='{init}' builds A and B for a LoRA without a core",
-                 r"use one of \(True, False, 'gaussian'\)"],
+                [
+                    rf"adapter: {{a}}: peft_init_lora_weights='{init}' builds A and B for a LoRA without a core",
+                    r"use one of \(True, False, 'gaussian'\)",
+                ],
             )
         )
     for kernel in KERNELS:
@@ -361,7 +364,9 @@ def test_bad_mtlora_fused_splits_are_refused(tmp_path, base_yaml, overrides):
 
 
 def test_bool_in_linchain_dims_is_refused(tmp_path, base_yaml):
-    refused(tmp_path, base_yaml, [r"\nlinchain_dims\.1\n\s+Input should be a valid integer"], linchain_dims=[8, True, 8])
+    refused(
+        tmp_path, base_yaml, [r"\nlinchain_dims\.1\n\s+Input should be a valid integer"], linchain_dims=[8, True, 8]
+    )
 
 
 # ---------------------------------------------------------------- good YAML
@@ -624,29 +629,57 @@ COLA = {"adapter": "lora", "cola_links": 3}
 @pytest.mark.parametrize(
     ("overrides", "patterns"),
     [
-        pytest.param({"cola_knots": [0.5]}, [r"cola_knots=\[0\.5\] has 1 knots, but cola_links=3 needs 2"], id="knot-count"),
-        pytest.param({"cola_knots": [0.8, 0.5]}, [r"cola_knots=\[0\.8, 0\.5\] must be strictly increasing"], id="decreasing"),
+        pytest.param(
+            {"cola_knots": [0.5]}, [r"cola_knots=\[0\.5\] has 1 knots, but cola_links=3 needs 2"], id="knot-count"
+        ),
+        pytest.param(
+            {"cola_knots": [0.8, 0.5]}, [r"cola_knots=\[0\.8, 0\.5\] must be strictly increasing"], id="decreasing"
+        ),
         pytest.param({"cola_knots": [0.5, 1.5]}, [r"all fractions of the run strictly between 0 and 1"], id="past-one"),
-        pytest.param({"cola_knots": [20, 80], "max_steps": 60},
-                     [r"cola_knots=\[20, 80\] gives knot steps \[20, 80\] for a run of 60 steps", r"between 1 and 59"],
-                     id="past-end"),
+        pytest.param(
+            {"cola_knots": [20, 80], "max_steps": 60},
+            [r"cola_knots=\[20, 80\] gives knot steps \[20, 80\] for a run of 60 steps", r"between 1 and 59"],
+            id="past-end",
+        ),
         pytest.param({"cola_ranks": [8, 4]}, [r"cola_ranks=\[8, 4\] must be 3 positive integers"], id="rank-count"),
-        pytest.param({"cola_ranks": [8, 0, 4]}, [r"cola_ranks=\[8, 0, 4\] must be 3 positive integers"], id="rank-zero"),
-        pytest.param({"cola_ranks": [16, 8, 8]}, [r"cola_ranks=\[16, 8, 8\] must start with lora_r=8"], id="rank-first"),
-        pytest.param({"cola_merge": "base", "load_in_4bit": True, "adapter": "qlora"},
-                     [r"cola_merge: base adds finished links into the base weights", r"use cola_merge: frozen"], id="base-4bit"),
+        pytest.param(
+            {"cola_ranks": [8, 0, 4]}, [r"cola_ranks=\[8, 0, 4\] must be 3 positive integers"], id="rank-zero"
+        ),
+        pytest.param(
+            {"cola_ranks": [16, 8, 8]}, [r"cola_ranks=\[16, 8, 8\] must start with lora_r=8"], id="rank-first"
+        ),
+        pytest.param(
+            {"cola_merge": "base", "load_in_4bit": True, "adapter": "qlora"},
+            [r"cola_merge: base adds finished links into the base weights", r"use cola_merge: frozen"],
+            id="base-4bit",
+        ),
         pytest.param({"relora": True}, [r"relora cannot be used with cola_links"], id="relora"),
-        pytest.param({"deepspeed": "zero3.json"}, [r"deepspeed cannot be used with cola_links", r"fp32 master"], id="deepspeed"),
+        pytest.param(
+            {"deepspeed": "zero3.json"}, [r"deepspeed cannot be used with cola_links", r"fp32 master"], id="deepspeed"
+        ),
         pytest.param({"adapter": "llama-adapter"}, [r"cola_links needs adapter: one of lora, qlora"], id="adapter"),
-        pytest.param({"cola_links": 1, "cola_knots": [0.5]}, [r"cola_knots is a COLA key, but cola_links is 1"], id="no-cola"),
+        pytest.param(
+            {"cola_links": 1, "cola_knots": [0.5]}, [r"cola_knots is a COLA key, but cola_links is 1"], id="no-cola"
+        ),
         pytest.param({"cola_links": 0}, [r"cola_links=0 must be a positive integer"], id="links-zero"),
-        pytest.param({"peft_init_lora_weights": False}, [r"peft_init_lora_weights: false starts every link with B != 0"], id="init-false"),
-        pytest.param({"lora_mlp_kernel": True}, [r"lora_mlp_kernel: true computes plain LoRA", r"COLA's tied links"], id="kernel"),
-        pytest.param({"merge_method": "memory_efficient"}, [r"merge_method: memory_efficient merges plain LoRA"], id="memeff"),
-        pytest.param({"adapter": "linchain", "cola_ranks": [8, 4, 4], "linchain_dims": [8, 16, 8]},
-                     [r"cola_ranks steps the rank down, but linchain_dims fixes the rank"], id="ranks-dims"),
+        pytest.param(
+            {"peft_init_lora_weights": False},
+            [r"peft_init_lora_weights: false starts every link with B != 0"],
+            id="init-false",
+        ),
+        pytest.param(
+            {"lora_mlp_kernel": True}, [r"lora_mlp_kernel: true computes plain LoRA", r"COLA's tied links"], id="kernel"
+        ),
+        pytest.param(
+            {"merge_method": "memory_efficient"}, [r"merge_method: memory_efficient merges plain LoRA"], id="memeff"
+        ),
+        pytest.param(
+            {"adapter": "linchain", "cola_ranks": [8, 4, 4], "linchain_dims": [8, 16, 8]},
+            [r"cola_ranks steps the rank down, but linchain_dims fixes the rank"],
+            id="ranks-dims",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_cola_keys_are_refused(tmp_path, base_yaml, overrides, patterns):
     refused(tmp_path, base_yaml, patterns, **{**COLA, **overrides})
 

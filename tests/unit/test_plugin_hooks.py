@@ -7,7 +7,7 @@ import copy
 
 import pytest
 from axolotl.utils.dict import DictDefault
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 from axolotl_chainlora import ChainLoraPlugin
 

@@ -13,27 +13,31 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import offline_env
 
 WORKERS = Path(__file__).parent / "workers"
+# the workers import helpers: torchrun runs them as scripts, without pytest's pythonpath
+TESTS = Path(__file__).parents[1]
 
 
 def torchrun(worker: str, *args: str) -> None:
     """Run a worker on two CPU processes."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    pythonpath = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    env = offline_env(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKERS / worker), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def train(tmp_path, chain_type: str, engine: str) -> tuple[dict, dict]:
+def train_on_two_ranks(tmp_path, chain_type: str, engine: str) -> tuple[dict, dict]:
     torchrun("distributed_train.py", str(tmp_path), chain_type, engine)
     return torch.load(tmp_path / f"{engine}-rank0.pt"), torch.load(tmp_path / f"{engine}-rank1.pt")
 
 
 @pytest.mark.parametrize("chain_type", ["linchain", "mtlora_icfm"])
 def test_ddp_and_fsdp_train_the_same_adapter_on_every_rank(chain_type, tmp_path):
-    ddp_rank0, ddp_rank1 = train(tmp_path, chain_type, "ddp")
-    fsdp_rank0, fsdp_rank1 = train(tmp_path, chain_type, "fsdp")
+    ddp_rank0, ddp_rank1 = train_on_two_ranks(tmp_path, chain_type, "ddp")
+    fsdp_rank0, fsdp_rank1 = train_on_two_ranks(tmp_path, chain_type, "fsdp")
     assert any(".lora_core." in name for name in ddp_rank0)
     assert ddp_rank0.keys() == ddp_rank1.keys() == fsdp_rank0.keys() == fsdp_rank1.keys()
     for name in ddp_rank0:

@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import bitsandbytes as bnb
 import peft
 import pytest
 import torch
-from conftest import randomize_adapters, reference_core, tiny_llama
+from helpers import (
+    ALPHA,
+    SCALE,
+    TARGETS,
+    R,
+    chain_config,
+    core_factors,
+    logits_of,
+    randomize_adapters,
+    reference_core,
+    tiny_llama,
+)
 from peft.tuners.lora import bnb as peft_bnb
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-import axolotl_chainlora
 import axolotl_chainlora.bnb as chain_bnb
 
-R = 4
-ALPHA = 8
-SCALE = ALPHA / R
-TARGETS = ["q_proj", "v_proj", "down_proj"]
 # (number of adapted layers) = 2 decoder layers x 3 targets
 N_ADAPTED = 2 * len(TARGETS)
 
@@ -40,11 +44,11 @@ CHAIN_CLASS = {"nf4": chain_bnb.Linear4bit, "fp4": chain_bnb.Linear4bit, "int8":
 PEFT_CLASS = {"nf4": peft_bnb.Linear4bit, "fp4": peft_bnb.Linear4bit, "int8": peft_bnb.Linear8bitLt}
 BNB_BASE_CLASS = {"nf4": bnb.nn.Linear4bit, "fp4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}
 
-# chain_type -> extra config kwargs
+# chain -> chain_config overrides
 CHAINS = {
     "moslora": {},
-    "linchain": {"chain_dims": [4, 8, 4]},
-    "linchain_default": {},  # [r, r, r, r]: three links
+    "linchain": {},  # LINCHAIN_DIMS, [4, 8, 4]
+    "linchain_default": {"chain_dims": None},  # [r, r, r, r]: three links
     "mtlora_shim": {},
     "mtlora_icfm": {},
     "mtlora_ctcm": {},
@@ -88,14 +92,9 @@ def load_quantized(model_dir: str, quant: str):
     return model.eval()
 
 
-def chain_config(chain: str, **kwargs) -> axolotl_chainlora.ChainLoraConfig:
-    return axolotl_chainlora.ChainLoraConfig(
-        r=R, lora_alpha=ALPHA, target_modules=TARGETS, chain_type=chain_type_of(chain), **CHAINS[chain], **kwargs
-    )
-
-
-def chain_model(model_dir: str, quant: str, chain: str, **kwargs):
-    return peft.get_peft_model(load_quantized(model_dir, quant), chain_config(chain, **kwargs))
+def quantized_chain_model(model_dir: str, quant: str, chain: str):
+    """A chain adapter of `chain` (a key of CHAINS), as PEFT initialises it, on the quantized model of `model_dir`."""
+    return peft.get_peft_model(load_quantized(model_dir, quant), chain_config(chain_type_of(chain), **CHAINS[chain]))
 
 
 def adapted_layers(model) -> dict[str, torch.nn.Module]:
@@ -104,17 +103,8 @@ def adapted_layers(model) -> dict[str, torch.nn.Module]:
     return layers
 
 
-def factors_of(layer) -> list[torch.Tensor]:
-    """The core's factors in order weight, weight_1, weight_2, ..., read as raw tensors."""
-    core = layer.lora_core["default"]
-    names = [name for name, _ in core.named_parameters()]
-    ordered = ["weight"] + [f"weight_{i}" for i in range(1, len(names))]
-    assert sorted(names) == sorted(ordered), names
-    return [getattr(core, name).detach().double() for name in ordered]
-
-
 def chain_core(chain: str, factors: list[torch.Tensor]) -> torch.Tensor:
-    """T from the method's definition (conftest.reference_core, not the package's ChainCore)."""
+    """T from the method's definition (helpers.reference_core, not the package's ChainCore)."""
     assert len(factors) == N_FACTORS[chain]
     return reference_core(chain_type_of(chain), factors)
 
@@ -126,7 +116,7 @@ def raw_A_B(layer) -> tuple[torch.Tensor, torch.Tensor]:
 def reference_delta(layer, chain: str) -> torch.Tensor:
     """s * B @ T @ A in float64 (out x in)."""
     A, B = raw_A_B(layer)
-    return SCALE * B @ chain_core(chain, factors_of(layer)) @ A
+    return SCALE * B @ chain_core(chain, core_factors(layer)) @ A
 
 
 def plain_lora_delta(layer) -> torch.Tensor:
@@ -165,30 +155,9 @@ def capture_layer_io(model, input_ids) -> dict[str, tuple[torch.Tensor, torch.Te
     return seen
 
 
-def logits(model, input_ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits.double()
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||"""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-# ---------------------------------------------------------------------------------------------
-# 0. the bnb layers can be imported by their public path in a fresh interpreter
-
-
-def test_bnb_module_imports_first():
-    # a fresh interpreter: in this one axolotl_chainlora.layer is already loaded
-    done = subprocess.run(
-        [sys.executable, "-c", "from axolotl_chainlora.bnb import Linear4bit, Linear8bitLt; print('imported')"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-    )
-    assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +167,7 @@ def test_bnb_module_imports_first():
 @pytest.mark.parametrize("quant", list(QUANTS))
 @pytest.mark.parametrize("chain", ["linchain", "mtlora_ctcm", "moslora"])
 def test_quantized_targets_get_chain_bnb_layers(tiny_llama_dir, quant, chain):
-    model = chain_model(tiny_llama_dir, quant, chain)
+    model = quantized_chain_model(tiny_llama_dir, quant, chain)
     for name, layer in adapted_layers(model).items():
         assert isinstance(layer, CHAIN_CLASS[quant]), (name, type(layer))
         # the chain class is a PEFT bnb LoRA layer, but not PEFT's class alone
@@ -206,7 +175,7 @@ def test_quantized_targets_get_chain_bnb_layers(tiny_llama_dir, quant, chain):
         assert type(layer) is not PEFT_CLASS[quant]
         assert isinstance(layer.get_base_layer(), BNB_BASE_CLASS[quant])
         assert "default" in layer.lora_core
-        factors = factors_of(layer)
+        factors = core_factors(layer)
         assert len(factors) == N_FACTORS[chain]
         if chain == "linchain":
             assert [tuple(f.shape) for f in factors] == [(4, 8), (8, 4)]
@@ -229,14 +198,14 @@ def test_quantized_targets_get_chain_bnb_layers(tiny_llama_dir, quant, chain):
 @pytest.mark.parametrize("quant", list(QUANTS))
 @pytest.mark.parametrize("chain", list(CHAINS))
 def test_quantized_layer_output_matches_reference(tiny_llama_dir, input_ids, quant, chain):
-    model = chain_model(tiny_llama_dir, quant, chain)
+    model = quantized_chain_model(tiny_llama_dir, quant, chain)
     randomize_adapters(model)
     for name, (x, out) in capture_layer_io(model, input_ids).items():
         layer = adapted_layers(model)[name]
         with torch.no_grad():
             base = layer.get_base_layer()(x).double()
         A, B = raw_A_B(layer)
-        T = chain_core(chain, factors_of(layer))
+        T = chain_core(chain, core_factors(layer))
         xd = x.double()
         expected = base + SCALE * (xd @ A.T @ T.T @ B.T)
         assert out.dtype == torch.float32
@@ -253,7 +222,7 @@ def test_quantized_layer_output_matches_reference(tiny_llama_dir, input_ids, qua
 @pytest.mark.parametrize("quant", list(QUANTS))
 @pytest.mark.parametrize("chain", ["linchain", "mtlora_ctcm", "mtlora_dtsm"])
 def test_quantized_output_is_not_plain_lora(tiny_llama_dir, input_ids, quant, chain):
-    model = chain_model(tiny_llama_dir, quant, chain)
+    model = quantized_chain_model(tiny_llama_dir, quant, chain)
     randomize_adapters(model)
     for name, (x, out) in capture_layer_io(model, input_ids).items():
         layer = adapted_layers(model)[name]
@@ -274,9 +243,9 @@ def test_quantized_output_is_not_plain_lora(tiny_llama_dir, input_ids, quant, ch
             if ".lora_" in name:
                 param.copy_(chain_params[name])
     assert all(".lora_core." not in n for n, _ in plain_model.named_parameters())
-    base_logits = logits(load_quantized(tiny_llama_dir, quant), input_ids)
-    chain_logits = logits(model, input_ids)
-    plain_logits = logits(plain_model, input_ids)
+    base_logits = logits_of(load_quantized(tiny_llama_dir, quant), input_ids, dtype=torch.float64)
+    chain_logits = logits_of(model, input_ids, dtype=torch.float64)
+    plain_logits = logits_of(plain_model, input_ids, dtype=torch.float64)
     assert rel(chain_logits - base_logits, plain_logits - base_logits) > 0.5
 
 
@@ -287,7 +256,7 @@ def test_quantized_output_is_not_plain_lora(tiny_llama_dir, input_ids, quant, ch
 @pytest.mark.parametrize("quant", ["nf4", "fp4"])
 @pytest.mark.parametrize("chain", ["linchain", "mtlora_ctcm", "mtlora_icfm"])
 def test_4bit_training_moves_every_adapter_tensor(tiny_llama_dir, input_ids, quant, chain):
-    model = chain_model(tiny_llama_dir, quant, chain)
+    model = quantized_chain_model(tiny_llama_dir, quant, chain)
     model.train()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     lora_B = {n for n in trainable if ".lora_B." in n}
@@ -346,13 +315,13 @@ def test_4bit_training_moves_every_adapter_tensor(tiny_llama_dir, input_ids, qua
 @pytest.mark.parametrize("quant", list(QUANTS))
 @pytest.mark.parametrize("chain", ["linchain", "mtlora_ctcm", "mtlora_dtsm"])
 def test_quantized_init_is_exact_noop(tiny_llama_dir, input_ids, quant, chain):
-    base_logits = logits(load_quantized(tiny_llama_dir, quant), input_ids)
-    model = chain_model(tiny_llama_dir, quant, chain)
+    base_logits = logits_of(load_quantized(tiny_llama_dir, quant), input_ids, dtype=torch.float64)
+    model = quantized_chain_model(tiny_llama_dir, quant, chain)
     # the core itself is not zero (kaiming): the no-op comes from B = 0 alone
     for layer in adapted_layers(model).values():
-        assert chain_core(chain, factors_of(layer)).abs().max() > 0
+        assert chain_core(chain, core_factors(layer)).abs().max() > 0
         assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
-    chain_logits = logits(model, input_ids)
+    chain_logits = logits_of(model, input_ids, dtype=torch.float64)
     assert torch.equal(chain_logits, base_logits), (chain_logits - base_logits).abs().max()
 
 
@@ -363,9 +332,9 @@ def test_quantized_init_is_exact_noop(tiny_llama_dir, input_ids, quant, chain):
 @pytest.mark.parametrize("quant", list(QUANTS))
 @pytest.mark.parametrize("chain", ["linchain", "mtlora_ctcm"])
 def test_quantized_save_and_reload(tiny_llama_dir, tmp_path, input_ids, quant, chain):
-    model = chain_model(tiny_llama_dir, quant, chain)
+    model = quantized_chain_model(tiny_llama_dir, quant, chain)
     randomize_adapters(model)
-    expected = logits(model, input_ids)
+    expected = logits_of(model, input_ids, dtype=torch.float64)
     saved = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
     model.save_pretrained(tmp_path)
     with open(os.path.join(tmp_path, "adapter_config.json")) as f:
@@ -379,7 +348,7 @@ def test_quantized_save_and_reload(tiny_llama_dir, tmp_path, input_ids, quant, c
     assert loaded.keys() == saved.keys()
     for n in saved:
         assert torch.equal(loaded[n], saved[n]), n
-    diff = (logits(reloaded, input_ids) - expected).abs().max().item()
+    diff = (logits_of(reloaded, input_ids, dtype=torch.float64) - expected).abs().max().item()
     assert diff <= 1e-6, diff
 
 
@@ -387,7 +356,7 @@ def test_quantized_save_and_reload(tiny_llama_dir, tmp_path, input_ids, quant, c
 # 7. merge into the quantized weight, and unmerge
 #
 # bitsandbytes 0.50.2's CPU 4-bit quantize/dequantize round trip is inaccurate for matrices with 32
-# columns, the width of conftest's tiny Llama (measured on N(0,1) 32x32: relative error 0.37, against
+# columns, the width of helpers' tiny Llama (measured on N(0,1) 32x32: relative error 0.37, against
 # 0.09 for a straightforward blockwise NF4 and for bnb itself at 64 columns). That would bury the merge
 # error under bnb's own, so the merge test uses a Llama twice as wide: every in_features a multiple of
 # the 64-wide quant block.
@@ -426,7 +395,7 @@ MERGE_LOGITS_BOUND = {"nf4": 0.2, "fp4": 0.3, "int8": 0.03}
 @pytest.mark.parametrize("quant", list(QUANTS))
 @pytest.mark.parametrize("chain", ["linchain", "mtlora_ctcm"])
 def test_quantized_merge_and_unmerge(wide_llama_dir, input_ids, quant, chain):
-    model = chain_model(wide_llama_dir, quant, chain)
+    model = quantized_chain_model(wide_llama_dir, quant, chain)
     randomize_adapters(model)
     layers = adapted_layers(model)
     with torch.no_grad():
@@ -438,9 +407,9 @@ def test_quantized_merge_and_unmerge(wide_llama_dir, input_ids, quant, chain):
     # the core changes delta W a lot, else a merge without it would pass too
     assert all(rel(plain[n], deltas[n]) > 0.5 for n in layers)
 
-    adapter_logits = logits(model, input_ids)
+    adapter_logits = logits_of(model, input_ids, dtype=torch.float64)
     with model.disable_adapter():
-        base_logits = logits(model, input_ids)
+        base_logits = logits_of(model, input_ids, dtype=torch.float64)
     gap = (adapter_logits - base_logits).norm().item()
     assert gap > 0
 
@@ -462,7 +431,7 @@ def test_quantized_merge_and_unmerge(wide_llama_dir, input_ids, quant, chain):
         assert weight_errors[name] < MERGE_WEIGHT_BOUND[quant], (name, weight_errors[name])
         assert rel(merged - w0[name], plain[name]) > 0.5, name
 
-    merged_logits = logits(model, input_ids)
+    merged_logits = logits_of(model, input_ids, dtype=torch.float64)
     to_adapter = (merged_logits - adapter_logits).norm().item()
     to_base = (merged_logits - base_logits).norm().item()
     print(
@@ -475,7 +444,7 @@ def test_quantized_merge_and_unmerge(wide_llama_dir, input_ids, quant, chain):
     model.unmerge_adapter()
     assert not any(layer.merged for layer in layers.values())
     # the adapter now runs on top of W0 requantized twice: still close to the adapter's output
-    back = (logits(model, input_ids) - adapter_logits).norm().item()
+    back = (logits_of(model, input_ids, dtype=torch.float64) - adapter_logits).norm().item()
     print(f"{quant}/{chain}: logits unmerged-vs-adapter {back / gap:.4f}")
     assert back / gap < MERGE_LOGITS_BOUND[quant]
     for name, layer in layers.items():
@@ -504,7 +473,7 @@ def test_4bit_avx512bf16_cpu_path(wide_llama_dir, input_ids, quant):
         with torch.no_grad():
             base = layer.get_base_layer()(x).double()
         A, B = raw_A_B(layer)
-        expected = base + SCALE * (x.double() @ A.T @ reference_core("linchain", factors_of(layer)).T @ B.T)
+        expected = base + SCALE * (x.double() @ A.T @ reference_core("linchain", core_factors(layer)).T @ B.T)
         assert rel(base, expected) > 0.1, name
         err = (out.double() - expected).abs().max().item() / expected.abs().max().item()
         assert err < 1e-5, (name, err)

@@ -1,35 +1,19 @@
-"""resume_from_checkpoint through `axolotl train`: an interrupted and resumed run ends where an uninterrupted one does."""
+"""resume_from_checkpoint through `axolotl train`: an interrupted, resumed run ends where an uninterrupted one does."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
 import torch
-import yaml
+from helpers import require_success, write_config
 from safetensors.torch import load_file
 
-from axolotl_chainlora.demo import prepare_demo, run_axolotl
+from axolotl_chainlora.demo import run_axolotl
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    prepare_demo(root)
-    return root
-
-
-def write_config(workspace, name, **changes):
-    config = yaml.safe_load((workspace / "config.yml").read_text())
-    config.update(changes)
-    path = workspace / f"{name}.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path.name
-
-
-def train(workspace, config_name):
+def axolotl_train(workspace, config_name):
     result = run_axolotl(["train", config_name], workspace, f"{config_name}.log")
-    assert result.returncode == 0, result.stderr[-3000:]
+    require_success(result, f"axolotl train {config_name}")
 
 
 def test_resume_across_a_checkpoint_matches_the_uninterrupted_run(workspace):
@@ -43,7 +27,7 @@ def test_resume_across_a_checkpoint_matches_the_uninterrupted_run(workspace):
         save_steps=5,
         chain_export_lora=False,
     )
-    train(workspace, write_config(workspace, "whole", output_dir="./out-whole", **common))
+    axolotl_train(workspace, write_config(workspace, "whole", run_defaults=False, output_dir="./out-whole", **common))
     checkpoint = workspace / "out-whole" / "checkpoint-5"
     saved = json.loads((checkpoint / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA_CHAIN" and saved["chain_type"] == "mtlora_dtsm"
@@ -51,10 +35,15 @@ def test_resume_across_a_checkpoint_matches_the_uninterrupted_run(workspace):
     assert (checkpoint / "optimizer.pt").is_file()
 
     # the interrupted run: only what was on disk at step 5 carries over
-    train(
+    axolotl_train(
         workspace,
         write_config(
-            workspace, "resumed", output_dir="./out-resumed", resume_from_checkpoint=str(checkpoint), **common
+            workspace,
+            "resumed",
+            run_defaults=False,
+            output_dir="./out-resumed",
+            resume_from_checkpoint=str(checkpoint),
+            **common,
         ),
     )
 

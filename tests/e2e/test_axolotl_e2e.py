@@ -6,7 +6,7 @@ output_dir. The expected values come from outside the code under test: the base 
 loss, float64 matrix products written out here from the papers' formulas, transformers'
 loading of the merged model, and plain PEFT in a process that never imports this package.
 
-Runtime on a 2-core CPU: about 4 minutes; independent axolotl runs go two at a time.
+Runtime on a 2-core CPU: about 2.5 minutes; independent axolotl runs go two at a time.
 """
 
 from __future__ import annotations
@@ -17,23 +17,30 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import reference_core, saved_core_factors
+from helpers import (
+    TRAIN_STEPS,
+    load_base,
+    logits_of,
+    output_of,
+    reference_core,
+    require_success,
+    run_all,
+    saved_core_factors,
+    write_config,
+)
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import axolotl_chainlora  # noqa: F401  registers LORA_CHAIN with PEFT
 from axolotl_chainlora.bnb import Linear4bit as ChainLinear4bit
-from axolotl_chainlora.demo import alpaca_text, demo_records, mean_response_loss, prepare_demo, run_axolotl
+from axolotl_chainlora.demo import alpaca_text, demo_records, mean_response_loss, run_axolotl
 
-PLUGIN = "axolotl_chainlora.ChainLoraPlugin"
-TRAIN_STEPS = 20
 # the demo YAML: lora_target_linear on a 2-layer Llama
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
@@ -63,42 +70,6 @@ MIN_LOSS_DROP = 0.2  # measured drop after 20 steps: about 0.48 for every run
 # ---------------------------------------------------------------- helpers
 
 
-def write_config(workspace: Path, name: str, **changes) -> str:
-    """A YAML variant of the demo config with its own output_dir; a value of None removes the key."""
-    cfg = yaml.safe_load((workspace / "config.yml").read_text())
-    assert cfg["plugins"] == [PLUGIN]
-    cfg.update(
-        output_dir=f"./out-{name}",
-        # runs go two at a time: each prepares its dataset in its own folder
-        dataset_prepared_path=f"./prepared-{name}",
-        max_steps=TRAIN_STEPS,
-        logging_steps=1,
-    )
-    for key, value in changes.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    path = workspace / f"{name}.yml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path.name
-
-
-def run_all(workspace: Path, jobs: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
-    """Run axolotl commands two at a time (2 CPU cores); job name -> CLI args, log at <name>.log."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(run_axolotl, args, workspace, f"{name}.log") for name, args in jobs.items()}
-        return {name: future.result() for name, future in futures.items()}
-
-
-def output_of(result: subprocess.CompletedProcess) -> str:
-    return result.stdout + result.stderr
-
-
-def require_success(result: subprocess.CompletedProcess, what: str) -> None:
-    assert result.returncode == 0, f"{what} failed (exit {result.returncode}):\n{output_of(result)[-4000:]}"
-
-
 def logged_losses(log: str) -> list[float]:
     """The per-step training losses of the HF Trainer log ({'loss': '6.082', ...})."""
     return [float(value) for value in re.findall(r"\{'loss': '([0-9.]+)'", log)]
@@ -110,40 +81,11 @@ def trainable_params_line(log: str) -> str:
     return lines[0]
 
 
-def load_base(workspace: Path, quantized: bool = False):
-    kwargs = {}
-    if quantized:
-        # written here, not taken from the plugin: NF4 with double quant, float32 compute
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-            bnb_4bit_quant_storage=torch.float32,
-        )
-    return AutoModelForCausalLM.from_pretrained(workspace / "base", dtype=torch.float32, **kwargs).eval()
-
-
 def load_chain(workspace: Path, name: str, quantized: bool = False) -> PeftModel:
     return PeftModel.from_pretrained(load_base(workspace, quantized), workspace / f"out-{name}").eval()
 
 
-@torch.no_grad()
-def logits_of(model, probe: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**probe).logits.float()
-
-
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("axolotl-e2e")
-    prepare_demo(path)
-    with pytest.MonkeyPatch.context() as patch:
-        # the runs tokenize into their own datasets cache: none shared with ~/.cache or other sessions
-        patch.setenv("HF_DATASETS_CACHE", str(path / "hf-datasets-cache"))
-        yield path
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +101,6 @@ def trained_run(trained, name: str) -> subprocess.CompletedProcess:
     result = trained[f"train-{name}"]
     require_success(result, f"axolotl train ({name})")
     return result
-
-
-@pytest.fixture(scope="module")
-def probe(workspace) -> dict[str, torch.Tensor]:
-    tokenizer = AutoTokenizer.from_pretrained(workspace / "base")
-    texts = [alpaca_text(record) for record in demo_records(count=4, seed=7)]
-    return dict(tokenizer(texts, return_tensors="pt", padding=True))
 
 
 @pytest.fixture(scope="module")
@@ -222,9 +157,9 @@ def test_4bit_run_trained_on_an_nf4_base(workspace, trained):
     """What is checked: axolotl saves the loaded model's config beside the adapter ("Pre-saving model
     config" in the log); transformers puts a quantization_config in it only when its bitsandbytes
     quantizer loaded the model. The float run's saved config has none. The train log itself shows
-    only the cfg dump (model_kwargs.quantization_config, what the plugin asked for), so it is not used. (The plugin also refuses to train when no bnb Linear4bit
-    layer is present, but that is the code under test.) Then the adapter reloads onto an NF4
-    base as the chain's 4-bit layer."""
+    only the cfg dump (model_kwargs.quantization_config, what the plugin asked for), so it is not
+    used. (The plugin also refuses to train when no bnb Linear4bit layer is present, but that is
+    the code under test.) Then the adapter reloads onto an NF4 base as the chain's 4-bit layer."""
     trained_run(trained, "linchain-4bit")
     trained_run(trained, "linchain")
     model_config = json.loads((workspace / "out-linchain-4bit" / "config.json").read_text())
@@ -294,6 +229,7 @@ def merges(workspace, trained) -> dict[str, subprocess.CompletedProcess]:
     return run_all(workspace, jobs)
 
 
+@pytest.mark.slow  # alone, with the train and merge-lora runs it needs: about 80 s
 @pytest.mark.parametrize("name", list(RUNS))
 def test_merge_lora_gives_the_adapter_logits(workspace, merges, chain_logits, probe, name):
     require_success(merges[f"merge-{name}"], f"axolotl merge-lora ({name})")
@@ -309,6 +245,7 @@ def test_merge_lora_gives_the_adapter_logits(workspace, merges, chain_logits, pr
     assert diff <= MAX_LOGIT_DIFF
 
 
+@pytest.mark.slow  # alone, with the train and merge-lora runs it needs: about 80 s
 def test_merge_lora_refuses_memory_efficient_merge(workspace, merges):
     result = merges["merge-memeff"]
     assert result.returncode != 0
@@ -416,6 +353,7 @@ def lora_model_dir_runs(workspace, trained) -> dict[str, subprocess.CompletedPro
     return run_all(workspace, {"train-resume": ["train", resume], "train-from-plain": ["train", from_plain]})
 
 
+@pytest.mark.slow  # alone, with the two rounds of train runs it needs: about 70 s
 def test_training_from_lora_model_dir_starts_at_the_saved_adapter(workspace, trained, lora_model_dir_runs):
     """learning_rate 0.0 (AdamW without weight decay then changes nothing), so the adapter this run saves
     is the one it started from: it must equal the saved adapter bit for bit. A fresh adapter (B = 0,
@@ -440,6 +378,7 @@ def test_training_from_lora_model_dir_starts_at_the_saved_adapter(workspace, tra
     assert resumed_losses[0] < fresh_losses[0] - MIN_LOSS_DROP
 
 
+@pytest.mark.slow  # alone, with the two rounds of train runs it needs: about 70 s
 def test_lora_model_dir_with_a_plain_lora_adapter_is_refused(lora_model_dir_runs):
     result = lora_model_dir_runs["train-from-plain"]
     output = output_of(result)
@@ -449,6 +388,7 @@ def test_lora_model_dir_with_a_plain_lora_adapter_is_refused(lora_model_dir_runs
     )
 
 
+@pytest.mark.slow  # alone, with the train runs it needs: about 70 s
 def test_axolotl_inference_generates_with_the_trained_adapter(workspace, trained):
     trained_run(trained, "linchain")
     prompt = alpaca_text({"instruction": "Add 3 and 4.", "input": "", "output": ""})

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_llama
+from helpers import offline_env, randomize_adapters, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as PeftLoraLinear
 from safetensors.torch import load_file, save_file
@@ -184,7 +183,8 @@ def test_untested_peft_version_is_refused(version):
 
 def test_import_fails_with_an_untested_peft():
     code = "import peft; peft.__version__ = '0.30.0'; import axolotl_chainlora"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=offline_env(), timeout=300
+    )
     assert result.returncode != 0
     assert "ImportError: axolotl-chainlora" in result.stderr and "peft 0.30.0 is installed" in result.stderr

@@ -2,7 +2,7 @@
 
 The expected values come from outside the code under test: the logits just before a knot,
 float64 sums of every link's s B T A written out here from the papers' formula (with the
-reference core of conftest), plain PEFT loading the folded export, and a fresh optimizer of
+reference core of helpers.py), plain PEFT loading the folded export, and a fresh optimizer of
 the same class taking the same step.
 """
 
@@ -10,31 +10,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, randomize_adapters, reference_core, tiny_gpt2, tiny_llama
-from peft import LoraConfig, PeftModel, get_peft_model
+from helpers import VOCAB, chain_model, logits_of, randomize_adapters, reference_core, tiny_gpt2, tiny_llama
+from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from axolotl_chainlora import ChainLoraConfig, fold_to_lora
+from axolotl_chainlora import fold_to_lora
 from axolotl_chainlora.cola import ColaCallback, ColaSchedule
 from axolotl_chainlora.layer import ChainLoraLayer
 
-TARGETS = ["q_proj", "v_proj", "down_proj"]
 CHAIN_TYPES = ["lora", "linchain", "moslora", "mtlora_icfm", "mtlora_dtsm"]
-
-
-def chain_model(chain_type: str = "linchain", base=None, **config) -> PeftModel:
-    config = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "chain_type": chain_type, **config}
-    return get_peft_model(base if base is not None else tiny_llama(), ChainLoraConfig(**config))
+# the models below pass chain_dims=None: LinChain with its default r x r links, which cola_ranks can step down
 
 
 def layers(model) -> dict[str, ChainLoraLayer]:
     return {name: module for name, module in model.named_modules() if isinstance(module, ChainLoraLayer)}
-
-
-@torch.no_grad()
-def logits(model, input_ids) -> torch.Tensor:
-    return model(input_ids=input_ids).logits.float()
 
 
 def knot(model, merge: str, optimizer=None, step: int = 1, ranks=None) -> ColaCallback:
@@ -62,13 +52,12 @@ def link_deltas(model, chain_type: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("merge", ["base", "frozen"])
 @pytest.mark.parametrize("chain_type", CHAIN_TYPES)
 def test_knot_leaves_the_logits_unchanged_and_starts_a_fresh_link(chain_type, merge, input_ids):
-    model = chain_model(chain_type).eval()
-    randomize_adapters(model)
-    before = logits(model, input_ids)
-    assert (before - logits(tiny_llama(), input_ids)).abs().max() > 1e-2  # the link matters
+    model = chain_model(chain_type, chain_dims=None)
+    before = logits_of(model, input_ids)
+    assert (before - logits_of(tiny_llama(), input_ids)).abs().max() > 1e-2  # the link matters
     old_A = {name: layer.lora_A["default"].weight.clone() for name, layer in layers(model).items()}
     knot(model, merge)
-    after = logits(model, input_ids)
+    after = logits_of(model, input_ids)
     diff = (after - before).abs().max().item()
     print(f"{chain_type} {merge}: logits across a knot, float32: max abs diff {diff:.2e}")
     assert diff <= 1e-5
@@ -81,8 +70,7 @@ def test_knot_leaves_the_logits_unchanged_and_starts_a_fresh_link(chain_type, me
 
 def test_base_merge_changes_the_base_weights_and_frozen_keeps_them(input_ids):
     for merge in ("base", "frozen"):
-        model = chain_model().eval()
-        randomize_adapters(model)
+        model = chain_model("linchain", chain_dims=None)
         expected = link_deltas(model, "linchain")
         base_before = {name: layer.get_base_layer().weight.clone() for name, layer in layers(model).items()}
         knot(model, merge)
@@ -98,27 +86,23 @@ def test_base_merge_changes_the_base_weights_and_frozen_keeps_them(input_ids):
 
 @pytest.mark.parametrize("merge", ["base", "frozen"])
 def test_fused_qkv_knot_is_exact(merge, input_ids):
-    model = get_peft_model(
-        tiny_gpt2(),
-        ChainLoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
-                        chain_type="mtlora_icfm", chain_fused_splits={"c_attn": 3}),
-    ).eval()  # fmt: skip
-    randomize_adapters(model)
-    before = logits(model, input_ids)
+    model = chain_model(
+        "mtlora_icfm", tiny_gpt2(), target_modules=["c_attn"], fan_in_fan_out=True, chain_fused_splits={"c_attn": 3}
+    )
+    before = logits_of(model, input_ids)
     knot(model, merge)
-    assert (logits(model, input_ids) - before).abs().max() <= 1e-5
+    assert (logits_of(model, input_ids) - before).abs().max() <= 1e-5
 
 
 def test_links_kept_frozen_go_into_the_base_with_a_later_base_tie(input_ids):
-    model = chain_model().eval()
-    randomize_adapters(model)
-    before = logits(model, input_ids)
+    model = chain_model("linchain", chain_dims=None)
+    before = logits_of(model, input_ids)
     knot(model, "frozen")
     randomize_adapters(model, seed=4)  # a trained second link
-    second = logits(model, input_ids)
+    second = logits_of(model, input_ids)
     assert (second - before).abs().max() > 1e-2
     knot(model, "base")
-    assert (logits(model, input_ids) - second).abs().max() <= 1e-5
+    assert (logits_of(model, input_ids) - second).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="are in the base weight: tie the next one there too"):
         knot(model, "frozen")
 
@@ -127,14 +111,13 @@ def test_bf16_base_loses_part_of_the_update_when_merged_and_auto_keeps_it_frozen
     """The measured reason `cola_merge: auto` keeps the links of a bf16 base frozen beside it."""
     diffs = {}
     for merge in ("base", "frozen", "auto"):
-        model = chain_model(base=tiny_llama().to(torch.bfloat16)).eval()
-        randomize_adapters(model, seed=5)
+        model = chain_model("linchain", base=tiny_llama().to(torch.bfloat16), seed=5, chain_dims=None)
         with torch.no_grad():  # an update ~1% of the weights, as after some training
             for layer in layers(model).values():
                 layer.lora_B["default"].weight.mul_(0.02)
-        before = logits(model, input_ids)
+        before = logits_of(model, input_ids)
         callback = knot(model, merge)
-        diffs[merge] = (logits(model, input_ids) - before).abs().max().item()
+        diffs[merge] = (logits_of(model, input_ids) - before).abs().max().item()
         assert callback.into_base == (merge == "base")
     print(f"bf16 base, logits across a knot: base merge {diffs['base']:.3e}, frozen {diffs['frozen']:.3e}")
     assert diffs["frozen"] == 0.0
@@ -142,15 +125,16 @@ def test_bf16_base_loses_part_of_the_update_when_merged_and_auto_keeps_it_frozen
 
 
 def test_4bit_base_ties_frozen_and_refuses_base(tmp_path, input_ids):
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
     tiny_llama(hidden_size=64).save_pretrained(tmp_path)  # bitsandbytes' 4-bit blocks need 64 inputs
     base = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization)
-    model = chain_model(base=base).eval()
-    randomize_adapters(model)
-    before = logits(model, input_ids)
+    model = chain_model("linchain", base=base, chain_dims=None)
+    before = logits_of(model, input_ids)
     callback = knot(model, "auto")
     assert callback.into_base is False
-    diff = (logits(model, input_ids) - before).abs().max().item()
+    diff = (logits_of(model, input_ids) - before).abs().max().item()
     print(f"4-bit NF4 base, frozen tie: logits across a knot max abs diff {diff:.2e}")
     assert diff <= 1e-5
     with pytest.raises(ValueError, match="cola_merge: base cannot add tied links into quantized weights"):
@@ -161,7 +145,7 @@ def test_4bit_base_ties_frozen_and_refuses_base(tmp_path, input_ids):
 
 
 def train_with_cola(tmp_path, chain_type: str, schedule: ColaSchedule, record=None, steps: int = 9, **config):
-    model = chain_model(chain_type, **config)
+    model = chain_model(chain_type, seed=None, chain_dims=None, **config)
     ids = torch.randint(0, VOCAB, (64, 10), generator=torch.Generator().manual_seed(0))
     dataset = [{"input_ids": row, "labels": row} for row in ids]
     args = TrainingArguments(
@@ -217,10 +201,10 @@ def test_saved_adapter_holds_every_link_and_folds_to_plain_lora(tmp_path, chain_
     plain = PeftModel.from_pretrained(tiny_llama(), tmp_path / "plain").eval()
     assert type(plain.peft_config["default"]) is LoraConfig and plain.peft_config["default"].r == 12
     assert not plain.peft_config["default"].rank_pattern
-    diff = (logits(plain, input_ids) - logits(model, input_ids)).abs().max().item()
+    diff = (logits_of(plain, input_ids) - logits_of(model, input_ids)).abs().max().item()
     print(f"{chain_type}: plain-LoRA fold of rank 12 (3 links) vs the trained model: {diff:.2e}")
     assert diff <= 1e-5
-    assert (logits(reloaded, input_ids) - logits(model, input_ids)).abs().max() <= 1e-5
+    assert (logits_of(reloaded, input_ids) - logits_of(model, input_ids)).abs().max() <= 1e-5
 
 
 def test_rank_step_down_gives_new_tensors_to_the_optimizer(tmp_path, input_ids):
@@ -238,7 +222,7 @@ def test_rank_step_down_gives_new_tensors_to_the_optimizer(tmp_path, input_ids):
     model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
     # base merge in training, tied factors on reload: the same function
-    assert (logits(reloaded, input_ids) - logits(model, input_ids)).abs().max() <= 1e-5
+    assert (logits_of(reloaded, input_ids) - logits_of(model, input_ids)).abs().max() <= 1e-5
 
 
 def test_link_warmup_ramps_the_lr_after_each_knot(tmp_path):
@@ -278,7 +262,7 @@ def set_grads(params, seed: int) -> None:
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_first_update_after_a_knot_equals_a_fresh_optimizers(name):
     make = OPTIMIZERS[name]
-    model = chain_model()
+    model = chain_model("linchain", seed=None, chain_dims=None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make(params, 1e-2)
     for step in range(3):  # state to reset
@@ -304,7 +288,7 @@ def test_cola_refuses_an_adapter_whose_new_links_would_not_start_at_zero(tmp_pat
 
 
 def test_resume_with_other_knots_is_refused(tmp_path):
-    model = chain_model()
+    model = chain_model("linchain", seed=None, chain_dims=None)
     knot(model, "frozen")  # one tied link, as a checkpoint after the first knot holds
     callback = ColaCallback(ColaSchedule(links=3, knots=(5, 8)))
 

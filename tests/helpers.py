@@ -1,0 +1,222 @@
+"""What the tests share: tiny random models built here (nothing downloaded), the papers' formulas written out
+independently of the package, chain models and their logits, offline subprocesses and the axolotl runs of tests/e2e.
+
+Fixtures are in the conftest.py files; this module holds plain functions and constants only.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import yaml
+from peft import PeftModel, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from axolotl_chainlora import ChainLoraConfig
+from axolotl_chainlora.demo import OFFLINE_ENV, run_axolotl
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = Path(sys.executable).parent / "axolotl-chainlora"
+PLUGIN = "axolotl_chainlora.ChainLoraPlugin"
+WEIGHTS = "adapter_model.safetensors"
+
+VOCAB = 96
+# the adapter of the in-process tests: rank 4, alpha 8, on two attention projections and one MLP projection
+R, ALPHA = 4, 8
+SCALE = ALPHA / R
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+LINCHAIN_DIMS = [R, 2 * R, R]  # a wider middle factor: LinChain's default is three r x r factors
+TRAIN_STEPS = 20  # the `axolotl train` runs of tests/e2e
+
+
+# ---------------------------------------------------------------- tiny models and inputs
+
+
+def tiny_llama(hidden_size: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+def make_input_ids() -> torch.Tensor:
+    """The ids of the `input_ids` fixture, for module-scoped fixtures that cannot use it."""
+    return torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------- the papers' formulas
+
+
+def reference_core(chain_type: str, factors: list[torch.Tensor]) -> torch.Tensor:
+    """T by the papers' definitions (LinChain, MoSLoRA, MTLoRA), in float64; independent of cores.py.
+
+    `factors` are the core's tensors in the order weight, weight_1, ...
+    """
+    factors = [f.detach().double() for f in factors]
+    if chain_type in ("moslora", "mtlora_shim"):
+        (C,) = factors
+        return C
+    if chain_type == "linchain":
+        T = factors[0]
+        for factor in factors[1:]:
+            T = T @ factor
+        return T
+    if chain_type == "mtlora_icfm":
+        (C,) = factors
+        return C @ C.T
+    if chain_type == "mtlora_ctcm":
+        C, D = factors
+        return C @ D
+    if chain_type == "mtlora_dtsm":
+        C, D = factors
+        return C + D
+    raise AssertionError(chain_type)
+
+
+def core_factors(layer, adapter: str = "default") -> list[torch.Tensor]:
+    """One layer's core parameters, ordered weight, weight_1, weight_2, ..."""
+    core = layer.lora_core[adapter]
+    names = [name for name, _ in core.named_parameters()]
+    ordered = ["weight"] + [f"weight_{i}" for i in range(1, len(names))]
+    assert sorted(names) == sorted(ordered), names
+    return [getattr(core, name) for name in ordered]
+
+
+def saved_core_factors(tensors: dict[str, torch.Tensor], module_key: str) -> list[torch.Tensor]:
+    """One module's core tensors from a saved adapter file, in float64, ordered weight, weight_1, weight_2, ..."""
+    prefix = f"{module_key}.lora_core."
+    names = [key[len(prefix) :] for key in tensors if key.startswith(prefix)]
+    expected = ["weight"] + [f"weight_{i}" for i in range(1, len(names))]
+    assert sorted(names) == sorted(expected), names
+    return [tensors[prefix + name].double() for name in expected]
+
+
+# ---------------------------------------------------------------- chain models
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 3) -> None:
+    """Give every adapter tensor (B included) non-zero values, so outputs really depend on them."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def chain_config(chain_type: str, **overrides) -> ChainLoraConfig:
+    """R, ALPHA on TARGETS; a LinChain has LINCHAIN_DIMS unless `overrides` sets chain_dims (None: the default)."""
+    kwargs = dict(r=R, lora_alpha=ALPHA, target_modules=TARGETS, chain_type=chain_type)
+    if chain_type == "linchain":
+        kwargs["chain_dims"] = LINCHAIN_DIMS
+    return ChainLoraConfig(**{**kwargs, **overrides})
+
+
+def chain_model(chain_type: str, base: torch.nn.Module | None = None, seed: int | None = 3, **overrides) -> PeftModel:
+    """A chain adapter of chain_config(chain_type, **overrides) on `base` (a fresh tiny Llama by default), in eval mode.
+
+    With a seed, randomize_adapters gives every adapter tensor random values; with seed=None the adapter is as PEFT
+    initialises it (B = 0).
+    """
+    model = get_peft_model(base if base is not None else tiny_llama(), chain_config(chain_type, **overrides))
+    if seed is not None:
+        randomize_adapters(model, seed=seed)
+    return model.eval()
+
+
+@torch.no_grad()
+def logits_of(model, inputs: torch.Tensor | dict[str, torch.Tensor], dtype=torch.float32) -> torch.Tensor:
+    """The model's logits, as `dtype`, for a batch of token ids or a tokenizer's output (ids and attention mask)."""
+    inputs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
+    return model(**inputs).logits.to(dtype)
+
+
+# ---------------------------------------------------------------- subprocesses
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a subprocess, offline (no downloads, no telemetry), plus `extra`."""
+    return {**os.environ, **OFFLINE_ENV, "TRANSFORMERS_OFFLINE": "1", **extra}
+
+
+def output_of(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
+
+
+def require_success(result: subprocess.CompletedProcess, what: str) -> None:
+    assert result.returncode == 0, f"{what} failed (exit {result.returncode}):\n{output_of(result)[-4000:]}"
+
+
+# ---------------------------------------------------------------- axolotl runs in a demo workspace
+
+
+def write_config(workspace: Path, name: str, run_defaults: bool = True, **changes) -> str:
+    """Write <name>.yml into the workspace: the demo config with `changes` (a value of None removes the key).
+
+    With run_defaults, the run first gets its own output_dir (./out-<name>) and dataset_prepared_path (runs go two at
+    a time, each prepares its dataset in its own folder), TRAIN_STEPS steps and a loss logged at every step.
+    Returns the file name, relative to the workspace as the axolotl commands are run from there.
+    """
+    cfg = yaml.safe_load((workspace / "config.yml").read_text())
+    assert cfg["plugins"] == [PLUGIN]
+    if run_defaults:
+        cfg.update(
+            output_dir=f"./out-{name}",
+            dataset_prepared_path=f"./prepared-{name}",
+            max_steps=TRAIN_STEPS,
+            logging_steps=1,
+        )
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    path = workspace / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path.name
+
+
+def run_all(workspace: Path, jobs: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
+    """Run axolotl commands two at a time (2 CPU cores); job name -> CLI args, log at <name>.log."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_axolotl, args, workspace, f"{name}.log") for name, args in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def load_base(workspace: Path, quantized: bool = False):
+    """The workspace's base model in float32, or quantized as a 4-bit run trains on it."""
+    kwargs = {}
+    if quantized:
+        # written here, not taken from the plugin: NF4 with double quant, float32 compute
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_storage=torch.float32,
+        )
+    return AutoModelForCausalLM.from_pretrained(workspace / "base", dtype=torch.float32, **kwargs).eval()
