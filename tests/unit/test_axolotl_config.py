@@ -10,6 +10,7 @@ names the key and the fix; a good one must validate to what the user meant.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 
@@ -24,6 +25,7 @@ from axolotl.integrations import base as axolotl_plugins
 from axolotl.integrations.base import PluginManager
 from axolotl.utils.config import prepare_plugins, validate_config
 from axolotl.utils.dict import DictDefault
+from axolotl.utils.schemas.config import AxolotlConfigWCapabilities
 from axolotl.utils.tee import close_debug_log
 from helpers import PLUGIN
 from pydantic import ValidationError
@@ -32,6 +34,7 @@ from transformers import BitsAndBytesConfig
 from axolotl_chainlora import ChainLoraConfig
 from axolotl_chainlora.args import ChainLoraArgs
 from axolotl_chainlora.demo import prepare_demo
+from axolotl_chainlora.log import LOG
 from axolotl_chainlora.plugin import ChainLoraPlugin, chain_config_fields
 
 # axolotl 0.21 loads entry-point plugins for every config; 0.19 only what `plugins:` lists
@@ -699,3 +702,53 @@ def test_cola_cfg_validates_with_kernels_off_and_legacy_merge(tmp_path, base_yam
     assert (cfg.cola_merge, cfg.cola_link_warmup_steps, cfg.cola_reset_optimizer) == ("frozen", 5, True)
     assert cfg.merge_method == "legacy"
     assert not any(cfg.get(kernel) for kernel in KERNELS)
+
+
+# ---------------------------------------------------------------- typos and names
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def warnings_logged():
+    """The package's WARNING lines (axolotl's logging set-up may keep them from pytest's caplog)."""
+    records = Records()
+    LOG.addHandler(records)
+    yield records.messages
+    LOG.removeHandler(records)
+
+
+@pytest.mark.parametrize(
+    ("typo", "value", "meant"),
+    [
+        pytest.param("linchian_n", 2, "linchain_n", id="swapped-letters"),
+        pytest.param("cola_knot", [0.5], "cola_knots", id="missing-letter"),
+        pytest.param("chain_inits", "identity", "chain_init", id="extra-letter"),
+        pytest.param("mtlora_structura", "icfm", "mtlora_structure", id="wrong-letter"),
+    ],
+)
+def test_a_key_one_edit_from_ours_warns_naming_the_key_meant(tmp_path, base_yaml, warnings_logged, typo, value, meant):
+    cfg = load(tmp_path, base_yaml, **{typo: value})
+    assert typo not in cfg  # axolotl drops it: the run would train with the default of `meant`
+    assert f"{typo} is not a config key and is ignored; did you mean {meant}?" in warnings_logged
+
+
+def test_correct_keys_and_unrelated_unknown_keys_do_not_warn(tmp_path, base_yaml, warnings_logged):
+    """The control: our keys spelled right, axolotl's own keys, and a key far from any of ours."""
+    load(tmp_path, base_yaml, linchain_n=2, chain_init="identity", lora_dropout=0.1, my_run_note="first try")
+    assert not [message for message in warnings_logged if "did you mean" in message]
+
+
+def test_our_validators_do_not_replace_axolotls():
+    """pydantic keeps one validator per name: a name of ours equal to one of axolotl's would silently drop axolotl's
+    check from the merged schema (axolotl has a `check_relora`, for one)."""
+    ours = set(ChainLoraArgs.__pydantic_decorators__.model_validators)
+    axolotl = set(AxolotlConfigWCapabilities.__pydantic_decorators__.model_validators)
+    assert "check_relora" in axolotl and ours and not ours & axolotl
