@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,11 +12,26 @@ import pytest
 from helpers import REPO
 
 
+def tracked_files(folder: str) -> list[str]:
+    listing = subprocess.run(["git", "ls-files", folder], cwd=REPO, check=True, capture_output=True, text=True)
+    return sorted(listing.stdout.split())
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    """The wheel pip builds from the tracked files (copied, so the build leaves nothing in the checkout)."""
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in [
+        "pyproject.toml",
+        "README.md",
+        "LICENSE",
+        *tracked_files("axolotl_chainlora"),
+        *tracked_files("example_configs"),
+    ]:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
         check=True,
         capture_output=True,
         timeout=600,
@@ -27,8 +43,8 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_holds_the_package_and_every_recipe_once(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     modules = sorted(n for n in names if n.startswith("axolotl_chainlora/") and n.count("/") == 1)
-    assert modules == sorted(f"axolotl_chainlora/{p.name}" for p in (REPO / "axolotl_chainlora").glob("*.py"))
-    recipes = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "example_configs").rglob("*") if p.is_file())
+    assert modules == tracked_files("axolotl_chainlora")
+    recipes = tracked_files("example_configs")
     shipped = sorted(n.removeprefix("axolotl_chainlora/") for n in names if "/example_configs/" in n)
     assert shipped == recipes
     metadata = next(n for n in names if n.endswith("entry_points.txt"))
