@@ -12,8 +12,8 @@ where link i trains alone (earlier links frozen) between knots i-1 and i.
   added into the float base weight (`base`) or kept beside it as frozen low-rank factors
   (`frozen`, exact; the only choice for 4-bit and 8-bit bases);
 - extends the chain: a fresh link, drawn as the first one was (B = 0, so the knot leaves the
-  model's function unchanged) from a generator seeded by (seed, link, module), so every
-  data-parallel rank draws the same link; optionally at a new rank;
+  model's function unchanged) from a generator seeded by (seed, knot, module) (`knot_generator`),
+  so every data-parallel rank draws the same link; optionally at a new rank;
 - gives the optimizer fresh state for the link's parameters.
 The LR schedule is the run's own and goes on; `link_warmup_steps` adds a linear warmup after
 each knot on top of it. Saves hold every link: the tied factors are adapter tensors and the
@@ -138,9 +138,10 @@ def _check_schedule(schedule: ColaSchedule) -> None:
         raise ValueError(f"cola_link_warmup_steps={schedule.link_warmup_steps!r} must be an integer >= 0.")
 
 
-def link_generator(seed: int, link: int, module_name: str) -> torch.Generator:
-    """The same generator on every rank for one link of one module."""
-    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{link}/{module_name}".encode()))
+def knot_generator(seed: int, knot: int, module_name: str) -> torch.Generator:
+    """The CPU generator that draws the link started at knot `knot` (1 for the first) in one module: seeded with
+    the CRC-32 of "seed/knot/module_name", the same on every rank. It draws A, then the core's factors in order."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{knot}/{module_name}".encode()))
 
 
 def is_quantized(layer: ChainLoraLayer) -> bool:
@@ -280,14 +281,15 @@ class ColaCallback(TrainerCallback):
         config = self._config(model)
         layers = self._layers(model)
         tied_ranks = list(config.cola_tied_ranks or [])
-        new_link = len(tied_ranks) + 1
-        new_rank = self.schedule.ranks[new_link] if self.schedule.ranks else None
+        # knot k (1 for the first) ties link k and starts link k + 1, whose rank is ranks[k] (0-based)
+        knot = len(tied_ranks) + 1
+        new_rank = self.schedule.ranks[knot] if self.schedule.ranks else None
         old_params = [p for layer in layers.values() for p in _link_parameters(layer, self.adapter_name)]
         squared_norm = 0.0
         for name, layer in layers.items():
             squared_norm += layer.tie_link(self.adapter_name, self.into_base)
             rank = new_rank or layer.r[self.adapter_name]
-            layer.start_new_link(self.adapter_name, config, rank, link_generator(seed, new_link, name))
+            layer.start_new_link(self.adapter_name, config, rank, knot_generator(seed, knot, name))
         config.cola_tied_ranks = [*tied_ranks, config.r]
         config.r = new_rank or config.r
         new_params = [p for layer in layers.values() for p in _link_parameters(layer, self.adapter_name)]
@@ -295,9 +297,9 @@ class ColaCallback(TrainerCallback):
             replace_parameters(optimizer, old_params, new_params)
             if self.schedule.reset_optimizer:
                 reset_state(optimizer, new_params)
-        event = {"cola/link": new_link, "cola/knot_step": step, "cola/tied_update_norm": squared_norm**0.5}
+        event = {"cola/link": knot, "cola/knot_step": step, "cola/tied_update_norm": squared_norm**0.5}
         LOG.info("COLA knot after step %d: link %d tied (update norm %.4g), link %d started at rank %d",
-                 step, new_link, event["cola/tied_update_norm"], new_link + 1, config.r)  # fmt: skip
+                 step, knot, event["cola/tied_update_norm"], knot + 1, config.r)  # fmt: skip
         return event
 
 

@@ -8,9 +8,22 @@ the same class taking the same step.
 
 from __future__ import annotations
 
+import math
+import zlib
+
 import pytest
 import torch
-from helpers import VOCAB, chain_model, logits_of, randomize_adapters, reference_core, tiny_gpt2, tiny_llama
+from helpers import (
+    ALPHA,
+    VOCAB,
+    chain_model,
+    core_factors,
+    logits_of,
+    randomize_adapters,
+    reference_core,
+    tiny_gpt2,
+    tiny_llama,
+)
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
@@ -20,7 +33,7 @@ from axolotl_chainlora.cola import ColaCallback, ColaSchedule
 from axolotl_chainlora.layer import ChainLoraLayer
 
 CHAIN_TYPES = ["lora", "linchain", "moslora", "mtlora_icfm", "mtlora_dtsm"]
-# the models below pass chain_dims=None: LinChain with its default r x r links, which cola_ranks can step down
+# the models below pass chain_dims=None: LinChain with its default r x r factors, which cola_ranks can step down
 
 
 def layers(model) -> dict[str, ChainLoraLayer]:
@@ -223,6 +236,67 @@ def test_rank_step_down_gives_new_tensors_to_the_optimizer(tmp_path, input_ids):
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
     # base merge in training, tied factors on reload: the same function
     assert (logits_of(reloaded, input_ids) - logits_of(model, input_ids)).abs().max() <= 1e-5
+
+
+class RecordScaling(TrainerCallback):
+    """Each adapted layer's scaling just after each knot (added after the ColaCallback, so it runs after it)."""
+
+    def __init__(self, knot_steps: list[int]):
+        self.knot_steps = knot_steps
+        self.after_knots: list[set[float]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.knot_steps:
+            self.after_knots.append({layer.scaling["default"] for layer in layers(model).values()})
+
+
+def test_rslora_rank_step_down_scales_each_new_link_by_alpha_over_sqrt_r_and_folds_exactly(tmp_path, input_ids):
+    record = RecordScaling([3, 6])
+    schedule = ColaSchedule(links=3, knots=(3, 6), ranks=(4, 2, 2), merge="frozen")
+    model, _ = train_with_cola(tmp_path, "linchain", schedule, record, use_rslora=True)
+    # rsLoRA (Kalajdzievski, arXiv:2312.03732): s = alpha / sqrt(r) = 8 / sqrt(2); LoRA's alpha / r would be 4
+    assert record.after_knots == [{ALPHA / math.sqrt(2)}] * 2
+
+    model.save_pretrained(tmp_path / "adapter")
+    fold_to_lora(tmp_path / "adapter", tmp_path / "plain")
+    plain = PeftModel.from_pretrained(tiny_llama(), tmp_path / "plain").eval()
+    config = plain.peft_config["default"]
+    assert type(config) is LoraConfig and (config.r, config.use_rslora) == (8, True)  # one plain LoRA of rank 4 + 2 + 2
+    diff = (logits_of(plain, input_ids) - logits_of(model, input_ids)).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+def documented_draw(seed: int, knot: int, module: str, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The link a knot starts, as docs/cola.md describes it: a CPU generator seeded with the CRC-32 of
+    "seed/knot/module" draws A and then the core's factors in order, each Kaiming-uniform with a = sqrt(5) in
+    float32, as nn.Linear and LoRA's A are drawn."""
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{knot}/{module}".encode()))
+    draws = []
+    for shape in shapes:
+        draw = torch.empty(shape)
+        torch.nn.init.kaiming_uniform_(draw, a=math.sqrt(5), generator=generator)
+        draws.append(draw)
+    return draws
+
+
+def test_each_new_link_is_a_fresh_draw_of_its_own_seed():
+    model = chain_model("linchain", seed=None, chain_dims=None)  # per layer: A and three 4 x 4 factors
+    links = {}  # knot 1 starts link 2, knot 2 link 3
+    for number in (1, 2):
+        knot(model, "frozen", step=number)
+        links[number] = {
+            name: [layer.lora_A["default"].weight.detach().clone(), *(f.detach().clone() for f in core_factors(layer))]
+            for name, layer in layers(model).items()
+        }
+        assert all(layer.lora_B["default"].weight.abs().max() == 0 for layer in layers(model).values())
+    assert len(links[1]) == 2 * 3  # two decoder layers, three targets
+    for name in links[1]:
+        for previous, new in zip(links[1][name], links[2][name]):
+            assert not torch.equal(previous, new), name
+        for number in (1, 2):
+            expected = documented_draw(0, number, name, [tuple(t.shape) for t in links[number][name]])
+            for got, want in zip(links[number][name], expected):
+                torch.testing.assert_close(got, want, atol=0, rtol=0, msg=f"{name}, knot {number}")
 
 
 def test_link_warmup_ramps_the_lr_after_each_knot(tmp_path):

@@ -8,6 +8,7 @@ own loader, or the fold/merge math written out here in float64.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -39,8 +40,18 @@ from transformers import AutoModelForCausalLM
 from axolotl_chainlora import ChainLoraConfig, fold_to_lora, merge_to_full_model
 from axolotl_chainlora.cli import main as cli_main
 
-# written out here rather than imported, so a chain type dropped from the package fails these tests
-CHAIN_TYPES = ("moslora", "linchain", "mtlora_shim", "mtlora_icfm", "mtlora_ctcm", "mtlora_dtsm")
+# written out here rather than imported, so a chain type dropped from the package fails these tests: each adapter's
+# chain type and ChainLoraConfig fields. "linchain" widens in the middle (LINCHAIN_DIMS); "linchain-3" is the
+# default LinChain-3-r, whose square factors multiply in any order, so only their values tell W1 W2 W3 from W3 W2 W1
+ADAPTERS = {
+    "moslora": ("moslora", {}),
+    "linchain": ("linchain", {}),
+    "mtlora_shim": ("mtlora_shim", {}),
+    "mtlora_icfm": ("mtlora_icfm", {}),
+    "mtlora_ctcm": ("mtlora_ctcm", {}),
+    "mtlora_dtsm": ("mtlora_dtsm", {}),
+    "linchain-3": ("linchain", {"chain_dims": None}),
+}
 TOL = 1e-5
 Q_PROJ_0 = "base_model.model.model.layers.0.self_attn.q_proj"
 SUBPROCESS_TIMEOUT = 300
@@ -93,6 +104,7 @@ EXPECTED_FACTOR_SHAPES = {
     "mtlora_icfm": [(R, R)],
     "mtlora_ctcm": [(R, R), (R, R)],
     "mtlora_dtsm": [(R, R), (R, R)],
+    "linchain-3": [(R, R)] * 3,
 }
 
 
@@ -115,21 +127,19 @@ def base_llama_logits(tiny_llama_dir) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def llama_chains(tiny_llama_dir, base_llama_logits, tmp_path_factory) -> dict[str, ChainAdapter]:
-    """One saved and folded chain adapter per chain type, on a base loaded from the saved tiny llama."""
+    """One saved and folded chain adapter per entry of ADAPTERS, on a base loaded from the saved tiny llama."""
     root = tmp_path_factory.mktemp("llama-chains")
     chains = {}
-    for seed, chain_type in enumerate(CHAIN_TYPES, start=3):
+    for seed, (name, (chain_type, fields)) in enumerate(ADAPTERS.items(), start=3):
         base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-        model = chain_model(chain_type, base, seed=seed, task_type="CAUSAL_LM")
+        model = chain_model(chain_type, base, seed=seed, task_type="CAUSAL_LM", **fields)
         assert model.peft_config["default"].base_model_name_or_path == tiny_llama_dir
-        adapter_dir = root / chain_type
+        adapter_dir = root / name
         model.save_pretrained(str(adapter_dir))
-        fold_dir = fold_to_lora(adapter_dir, root / f"{chain_type}-folded")
-        chains[chain_type] = ChainAdapter(
-            chain_type, model, adapter_dir, Path(fold_dir), logits_of(model, make_input_ids())
-        )
+        fold_dir = fold_to_lora(adapter_dir, root / f"{name}-folded")
+        chains[name] = ChainAdapter(chain_type, model, adapter_dir, Path(fold_dir), logits_of(model, make_input_ids()))
         # the adapter must really move the outputs, or logit comparisons below prove nothing
-        assert max_diff(chains[chain_type].logits, base_llama_logits) > 0.05, chain_type
+        assert max_diff(chains[name].logits, base_llama_logits) > 0.05, name
     return chains
 
 
@@ -174,14 +184,14 @@ def plain_peft_fold_logits(llama_chains, tiny_llama_dir, tmp_path_factory) -> di
 # --- 1. the fold loads in plain PEFT with the chain model's outputs -----------------------------
 
 
-@pytest.mark.parametrize("chain_type", CHAIN_TYPES)
-def test_fold_loads_in_plain_peft_with_same_logits(chain_type, llama_chains, plain_peft_fold_logits):
-    chain = llama_chains[chain_type]
-    logits, n_lora_layers = plain_peft_fold_logits[chain_type]
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_fold_loads_in_plain_peft_with_same_logits(name, llama_chains, plain_peft_fold_logits):
+    chain = llama_chains[name]
+    logits, n_lora_layers = plain_peft_fold_logits[name]
     # 2 layers x (q_proj, v_proj, down_proj), all loaded as PEFT's stock LoRA Linear
     assert n_lora_layers == 6
     diff = max_diff(logits, chain.logits)
-    print(f"{chain_type}: plain PEFT fold vs chain model max |diff| = {diff:.3g}")
+    print(f"{name}: plain PEFT fold vs chain model max |diff| = {diff:.3g}")
     assert diff <= TOL
 
     config = json.loads((chain.fold_dir / "adapter_config.json").read_text())
@@ -200,9 +210,9 @@ def test_fold_loads_in_plain_peft_with_same_logits(chain_type, llama_chains, pla
 # --- 2. the fold math, written out independently ------------------------------------------------
 
 
-@pytest.mark.parametrize("chain_type", CHAIN_TYPES)
-def test_folded_A_is_core_times_A(chain_type, llama_chains):
-    chain = llama_chains[chain_type]
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_folded_A_is_core_times_A(name, llama_chains):
+    chain = llama_chains[name]
     saved = load_file(str(chain.adapter_dir / WEIGHTS))
     folded = load_file(str(chain.fold_dir / WEIGHTS))
     assert set(folded) == {key for key in saved if ".lora_core." not in key}
@@ -211,23 +221,25 @@ def test_folded_A_is_core_times_A(chain_type, llama_chains):
     assert len(module_keys) == 6 and Q_PROJ_0 in module_keys
     for module_key in module_keys:
         factors = saved_core_factors(saved, module_key)
-        assert [tuple(f.shape) for f in factors] == EXPECTED_FACTOR_SHAPES[chain_type]
-        T = reference_core(chain_type, factors)
+        assert [tuple(f.shape) for f in factors] == EXPECTED_FACTOR_SHAPES[name]
+        T = reference_core(chain.chain_type, factors)
         A = saved[f"{module_key}.lora_A.weight"].double()
         folded_A = folded[f"{module_key}.lora_A.weight"]
         assert folded_A.dtype == torch.float32 and folded_A.shape == A.shape
         torch.testing.assert_close(folded_A.double(), T @ A, rtol=1e-6, atol=1e-7)
         # the core is not the identity, so an unfolded A would fail the check above
         assert (T @ A - A).abs().max() > 0.1
+        if name == "linchain-3":  # and the factors do not commute, so a reversed product would fail it too
+            assert (T @ A - reference_core("linchain", factors[::-1]) @ A).abs().max() > 1e-3
         assert torch.equal(folded[f"{module_key}.lora_B.weight"], saved[f"{module_key}.lora_B.weight"])
 
 
 # --- 3. folding the in-memory model gives the same adapter --------------------------------------
 
 
-@pytest.mark.parametrize("chain_type", CHAIN_TYPES)
-def test_fold_from_model_equals_fold_from_dir(chain_type, llama_chains, tmp_path):
-    chain = llama_chains[chain_type]
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_fold_from_model_equals_fold_from_dir(name, llama_chains, tmp_path):
+    chain = llama_chains[name]
     out = fold_to_lora(chain.model, tmp_path / "from-model")
     assert Path(out) == tmp_path / "from-model"
     from_model = load_file(str(tmp_path / "from-model" / WEIGHTS))
@@ -246,10 +258,15 @@ def test_fold_from_model_equals_fold_from_dir(chain_type, llama_chains, tmp_path
 # --- 4. GPT-2's fused qkv ------------------------------------------------------------------------
 
 
-def test_fused_gpt2_icfm_fold_and_reference(tiny_gpt2_dir, tmp_path, input_ids):
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora-scale", "rslora"])
+def test_fused_gpt2_icfm_fold_and_reference(tiny_gpt2_dir, tmp_path, input_ids, use_rslora):
+    """Without COLA, a fused projection is the one place where the fold changes the rank (r to 3 r), so the
+    only place where it must rescale B by s_r / s_3r: 3 with alpha / r, sqrt(3) with rsLoRA's alpha / sqrt(r)."""
+    scale = ALPHA / math.sqrt(R) if use_rslora else ALPHA / R
     config = ChainLoraConfig(
         r=R,
         lora_alpha=ALPHA,
+        use_rslora=use_rslora,
         target_modules=["c_attn", "c_fc"],
         fan_in_fan_out=True,
         chain_type="mtlora_icfm",
@@ -282,18 +299,19 @@ def test_fused_gpt2_icfm_fold_and_reference(tiny_gpt2_dir, tmp_path, input_ids):
     assert W.shape == (32, 96)  # Conv1D: in x out
     x = seen["x"].double()
     delta = torch.block_diag(B_q, B_k, B_v) @ (C @ C.T) @ A
-    reference = x @ W + bias + SCALE * x @ delta.T
+    reference = x @ W + bias + scale * x @ delta.T
     layer_diff = max_diff(seen["y"], reference)
     print(f"gpt2 c_attn layer vs float64 reference max |diff| = {layer_diff:.3g}")
     assert layer_diff <= TOL
     # a shared B (no block structure) would give something else
-    assert (x @ (B @ (C @ C.T)[:R, :R] @ A[:R]).T * SCALE + x @ W + bias - reference).abs().max() > 0.1
+    assert (x @ (B @ (C @ C.T)[:R, :R] @ A[:R]).T * scale + x @ W + bias - reference).abs().max() > 0.1
 
     # the fold: rank 3r for the two c_attn, r for the two c_fc; one is the global rank, the other listed by
     # exact name in rank_pattern; loaded by stock PEFT
     fold_to_lora(tmp_path / "chain", tmp_path / "folded")
     folded_config = json.loads((tmp_path / "folded" / "adapter_config.json").read_text())
     assert folded_config["peft_type"] == "LORA" and folded_config["lora_alpha"] == ALPHA
+    assert folded_config["use_rslora"] is use_rslora
     ranks = {folded_config["r"], *folded_config["rank_pattern"].values()}
     assert ranks == {R, 3 * R} and len(folded_config["rank_pattern"]) == 2
     folded = load_file(str(tmp_path / "folded" / WEIGHTS))

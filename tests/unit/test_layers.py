@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM
 
 import axolotl_chainlora
 from axolotl_chainlora import CHAIN_TYPES, ChainLoraConfig, core_parameter_count
+from axolotl_chainlora.layer import ChainLoraLayer
 
 # the types with a core; 'lora' (no core, for COLA) is tested in test_cola.py
 CORE_TYPES = [chain_type for chain_type in CHAIN_TYPES if chain_type != "lora"]
@@ -64,6 +65,32 @@ def test_forward_is_base_plus_scaled_B_T_A(chain_type, use_rslora):
         x.double() @ layer.lora_A["default"].weight.double().T @ layer.lora_B["default"].weight.double().T
     )
     assert (plain - expected).abs().max() > 1e-2
+
+
+def test_square_linchain_forward_and_merge_multiply_the_factors_in_the_papers_order(input_ids):
+    """LinChain's default (three r x r factors) multiplies in any order, so only the values tell T = W1 W2 W3 from
+    W3 W2 W1; the widening chains above would fail a reversed order on shape alone."""
+    base = tiny_llama()
+    model = chain_model("linchain", base=copy.deepcopy(base), chain_dims=None)
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, ChainLoraLayer)}
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
+    updates = {}
+    for name, layer in layers.items():
+        factors = core_factors(layer)
+        assert [tuple(f.shape) for f in factors] == [(R, R)] * 3, name
+        # the control: these factors do not commute, so a reversed product is another update
+        reversed_T = reference_core("linchain", factors[::-1])
+        assert (reference_core("linchain", factors) - reversed_T).abs().max() > 0.1, name
+        A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+        updates[name] = ALPHA / R * B @ reference_core("linchain", factors) @ A
+        if layer.in_features == x.shape[1]:
+            expected = layer_reference(layer, x, "linchain", ALPHA / R)
+            torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5, msg=name)
+    merged = model.merge_and_unload(safe_merge=True)
+    for name, update in updates.items():
+        module = name.removeprefix("base_model.model.")
+        delta = merged.get_submodule(module).weight.double() - base.get_submodule(module).weight.double()
+        torch.testing.assert_close(delta, update, rtol=0, atol=1e-6, msg=name)
 
 
 def test_gpt2_conv1d_honours_fan_in_fan_out():
