@@ -17,7 +17,7 @@ def workspace(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("axolotl-e2e")
     prepare_demo(path)
     with pytest.MonkeyPatch.context() as patch:
-        # the runs tokenize into their own datasets cache: none shared with ~/.cache or other sessions
+        # the runs tokenize into their own datasets cache: none shared with ~/.cache or other test runs
         patch.setenv("HF_DATASETS_CACHE", str(path / "hf-datasets-cache"))
         yield path
 
