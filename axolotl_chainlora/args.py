@@ -3,12 +3,13 @@
 axolotl merges `ChainLoraArgs` into its config schema and drops keys it does not declare, so every
 key is declared here with its real default. The `check_*` validators refuse a bad config before any
 model loads. Most run on the typed config (`mode="after"`, in the order written, so a later one may
-rely on an earlier one); the rules on the adapter and the schedule themselves live once, in
-`check_chain_settings` (config.py) and `ColaSchedule` (cola.py), and these validators hand them the
-YAML's values and name the YAML keys. The `mode="before"` ones see the raw YAML: they rewrite what
-axolotl sets up for lora/qlora only and a chain adapter needs too (quantization, LoRA kernels off,
-the legacy merge), refuse ReLoRA before axolotl's own ReLoRA checks ask for its settings, and warn
-about misspelled keys.
+rely on an earlier one). The rules on the adapter and the schedule themselves live once, in
+`check_chain_settings` (config.py) and `ColaSchedule` (cola.py): these validators hand them the
+YAML's values, translated by the plugin's `chain_config_fields` and `cola_schedule`, and name the
+YAML keys. The `mode="before"` ones see the raw YAML: they rewrite what axolotl sets up for
+lora/qlora only and a chain adapter needs too (quantization, LoRA kernels off, the legacy merge),
+refuse ReLoRA before axolotl's own ReLoRA checks ask for its settings, and warn about misspelled
+keys.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .plugin import (
     LORA_KERNELS,
     builds_adapter,
     chain_config_fields,
+    cola_schedule,
     uses_chain_adapter,
     uses_cola,
 )
@@ -219,7 +221,7 @@ class ChainLoraArgs(BaseModel):
                         f"{key} is a COLA key, but cola_links is {self.cola_links}: "
                         f"set cola_links >= 2 or remove {key}."
                     )
-        schedule = ColaSchedule.from_yaml(cfg)
+        schedule = cola_schedule(cfg)
         if schedule.links > 1 and cfg.get("adapter") not in COLA_ADAPTERS:
             raise ValueError(
                 f"cola_links needs adapter: one of {', '.join(COLA_ADAPTERS)}, not {cfg.get('adapter')!r}."

@@ -23,8 +23,7 @@ adapter config records their ranks (`cola_tied_ranks`).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from transformers import TrainerCallback
@@ -72,17 +71,6 @@ class ColaSchedule:
 
     def __post_init__(self):
         _check_schedule(self)
-
-    @classmethod
-    def from_yaml(cls, cfg: Mapping) -> ColaSchedule:
-        """The schedule an axolotl YAML (raw or validated) sets with its `cola_*` keys; unset keys keep
-        the defaults above."""
-        settings = {f.name: cfg.get(f"cola_{f.name}") for f in fields(cls)}
-        return cls(**{
-            name: tuple(value) if isinstance(value, list) else value
-            for name, value in settings.items()
-            if value is not None
-        })  # fmt: skip
 
     def knot_steps(self, max_steps: int) -> list[int]:
         """The optimizer steps after which a knot is tied; default evenly spaced."""

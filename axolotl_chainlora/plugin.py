@@ -9,6 +9,7 @@ hook does nothing unless the config uses a chain adapter or COLA.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -48,6 +49,16 @@ def uses_cola(cfg) -> bool:
 def builds_adapter(cfg) -> bool:
     """This plugin builds the adapter of chain adapters and of every COLA run (plain LoRA as chain_type 'lora')."""
     return uses_chain_adapter(cfg) or uses_cola(cfg)
+
+
+def cola_schedule(cfg) -> ColaSchedule:
+    """The ColaSchedule a YAML (raw or validated) sets with its `cola_*` keys; unset keys keep its defaults."""
+    settings = {field.name: cfg.get(f"cola_{field.name}") for field in dataclasses.fields(ColaSchedule)}
+    return ColaSchedule(**{
+        name: tuple(value) if isinstance(value, list) else value
+        for name, value in settings.items()
+        if value is not None
+    })  # fmt: skip
 
 
 def chain_config_fields(cfg) -> dict[str, Any]:
@@ -156,7 +167,7 @@ class ChainLoraPlugin(BasePlugin):
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         callbacks = []
         if uses_cola(cfg):
-            callbacks.append(ColaCallback(ColaSchedule.from_yaml(cfg), trainer))
+            callbacks.append(ColaCallback(cola_schedule(cfg), trainer))
         if builds_adapter(cfg) and cfg.chain_export_lora:
             callbacks.append(_RecordTrainingEnd(self))
         return callbacks
