@@ -26,6 +26,7 @@ from transformers import (
 
 from axolotl_chainlora import ChainLoraConfig
 from axolotl_chainlora.demo import OFFLINE_ENV, run_axolotl
+from axolotl_chainlora.layer import ChainLoraLayer
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).parent / "axolotl-chainlora"
@@ -146,6 +147,11 @@ def chain_model(chain_type: str, base: torch.nn.Module | None = None, seed: int 
     if seed is not None:
         randomize_adapters(model, seed=seed)
     return model.eval()
+
+
+def chain_layers(model: torch.nn.Module) -> dict[str, ChainLoraLayer]:
+    """The model's chain layers by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, ChainLoraLayer)}
 
 
 @torch.no_grad()

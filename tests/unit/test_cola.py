@@ -16,6 +16,7 @@ import torch
 from helpers import (
     ALPHA,
     VOCAB,
+    chain_layers,
     chain_model,
     core_factors,
     logits_of,
@@ -30,14 +31,9 @@ from transformers import BitsAndBytesConfig, LlamaForCausalLM, Trainer, TrainerC
 
 from axolotl_chainlora import fold_to_lora
 from axolotl_chainlora.cola import ColaCallback, ColaSchedule
-from axolotl_chainlora.layer import ChainLoraLayer
 
 CHAIN_TYPES = ["lora", "linchain", "moslora", "mtlora_icfm", "mtlora_dtsm"]
 # the models below pass chain_dims=None: LinChain with its default r x r factors, which cola_ranks can step down
-
-
-def layers(model) -> dict[str, ChainLoraLayer]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, ChainLoraLayer)}
 
 
 def knot(model, merge: str, optimizer=None, step: int = 1, ranks=None) -> ColaCallback:
@@ -51,7 +47,7 @@ def knot(model, merge: str, optimizer=None, step: int = 1, ranks=None) -> ColaCa
 def link_deltas(model, chain_type: str) -> dict[str, torch.Tensor]:
     """Each layer's current link s B T A in float64, from its tensors and the papers' formula."""
     deltas = {}
-    for name, layer in layers(model).items():
+    for name, layer in chain_layers(model).items():
         A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
         core = layer.lora_core["default"].factors()
         T = reference_core(chain_type, core) if chain_type != "lora" else torch.eye(A.shape[0], dtype=A.dtype)
@@ -68,16 +64,18 @@ def test_knot_leaves_the_logits_unchanged_and_starts_a_fresh_link(chain_type, me
     model = chain_model(chain_type, chain_dims=None)
     before = logits_of(model, input_ids)
     assert (before - logits_of(tiny_llama(), input_ids)).abs().max() > 1e-2  # the link matters
-    old_A = {name: layer.lora_A["default"].weight.clone() for name, layer in layers(model).items()}
+    old_A = {name: layer.lora_A["default"].weight.clone() for name, layer in chain_layers(model).items()}
     knot(model, merge)
     after = logits_of(model, input_ids)
     diff = (after - before).abs().max().item()
     print(f"{chain_type} {merge}: logits across a knot, float32: max abs diff {diff:.2e}")
     assert diff <= 1e-5
-    for name, layer in layers(model).items():
+    for name, layer in chain_layers(model).items():
         assert layer.lora_B["default"].weight.abs().max() == 0, name  # the new link starts at B = 0
         assert not torch.equal(layer.lora_A["default"].weight, old_A[name]), name  # with a new A
-        assert (name in [n for n, lay in layers(model).items() if "default" in lay.tied_in_base]) == (merge == "base")
+        assert (name in [n for n, lay in chain_layers(model).items() if "default" in lay.tied_in_base]) == (
+            merge == "base"
+        )
     assert model.peft_config["default"].cola_tied_ranks == [4]
 
 
@@ -85,9 +83,9 @@ def test_base_merge_changes_the_base_weights_and_frozen_keeps_them(input_ids):
     for merge in ("base", "frozen"):
         model = chain_model("linchain", chain_dims=None)
         expected = link_deltas(model, "linchain")
-        base_before = {name: layer.get_base_layer().weight.clone() for name, layer in layers(model).items()}
+        base_before = {name: layer.get_base_layer().weight.clone() for name, layer in chain_layers(model).items()}
         knot(model, merge)
-        for name, layer in layers(model).items():
+        for name, layer in chain_layers(model).items():
             change = layer.get_base_layer().weight.double() - base_before[name].double()
             if merge == "base":
                 torch.testing.assert_close(change, expected[name], atol=1e-6, rtol=0)
@@ -126,7 +124,7 @@ def test_bf16_base_loses_part_of_the_update_when_merged_and_auto_keeps_it_frozen
     for merge in ("base", "frozen", "auto"):
         model = chain_model("linchain", base=tiny_llama().to(torch.bfloat16), seed=5, chain_dims=None)
         with torch.no_grad():  # an update ~1% of the weights, as after some training
-            for layer in layers(model).values():
+            for layer in chain_layers(model).values():
                 layer.lora_B["default"].weight.mul_(0.02)
         before = logits_of(model, input_ids)
         callback = knot(model, merge)
@@ -202,7 +200,7 @@ def test_saved_adapter_holds_every_link_and_folds_to_plain_lora(tmp_path, chain_
     assert reloaded.peft_config["default"].cola_tied_ranks == [4, 4]
     merged = reloaded.merge_and_unload()
     base = tiny_llama()
-    for name in layers(model):
+    for name in chain_layers(model):
         module = name.removeprefix("base_model.model.")
         assert saved[f"{name}.lora_tied_A.weight"].shape[0] == 8  # both tied links, rank 4 each
         # the whole update: tied link 1 + tied link 2 + the current link, summed here in float64
@@ -228,7 +226,7 @@ def test_rank_step_down_gives_new_tensors_to_the_optimizer(tmp_path, input_ids):
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert trainable == in_optimizer  # the optimizer trains exactly the current link
-    for name, layer in layers(model).items():
+    for name, layer in chain_layers(model).items():
         assert layer.lora_A["default"].weight.shape[0] == 2 and layer.scaling["default"] == 8 / 2, name
         assert [f.shape for f in layer.lora_core["default"].factors()] == [(2, 2)] * 3, name
         assert layer.lora_B["default"].weight.abs().max() > 0, name  # the last link trained
@@ -247,7 +245,7 @@ class RecordScaling(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.knot_steps:
-            self.after_knots.append({layer.scaling["default"] for layer in layers(model).values()})
+            self.after_knots.append({layer.scaling["default"] for layer in chain_layers(model).values()})
 
 
 def test_rslora_rank_step_down_scales_each_new_link_by_alpha_over_sqrt_r_and_folds_exactly(tmp_path, input_ids):
@@ -286,9 +284,9 @@ def test_each_new_link_is_a_fresh_draw_of_its_own_seed():
         knot(model, "frozen", step=number)
         links[number] = {
             name: [layer.lora_A["default"].weight.detach().clone(), *(f.detach().clone() for f in core_factors(layer))]
-            for name, layer in layers(model).items()
+            for name, layer in chain_layers(model).items()
         }
-        assert all(layer.lora_B["default"].weight.abs().max() == 0 for layer in layers(model).values())
+        assert all(layer.lora_B["default"].weight.abs().max() == 0 for layer in chain_layers(model).values())
     assert len(links[1]) == 2 * 3  # two decoder layers, three targets
     for name in links[1]:
         for previous, new in zip(links[1][name], links[2][name]):

@@ -13,6 +13,7 @@ from helpers import (
     TARGETS,
     R,
     chain_config,
+    chain_layers,
     chain_model,
     core_factors,
     randomize_adapters,
@@ -32,7 +33,6 @@ from transformers import AutoModelForCausalLM
 
 import axolotl_chainlora
 from axolotl_chainlora import CHAIN_TYPES, ChainLoraConfig, core_parameter_count
-from axolotl_chainlora.layer import ChainLoraLayer
 
 # the types with a core; 'lora' (no core, for COLA) is tested in test_cola.py
 CORE_TYPES = [chain_type for chain_type in CHAIN_TYPES if chain_type != "lora"]
@@ -72,7 +72,7 @@ def test_square_linchain_forward_and_merge_multiply_the_factors_in_the_papers_or
     W3 W2 W1; the widening chains above would fail a reversed order on shape alone."""
     base = tiny_llama()
     model = chain_model("linchain", base=copy.deepcopy(base), chain_dims=None)
-    layers = {name: module for name, module in model.named_modules() if isinstance(module, ChainLoraLayer)}
+    layers = chain_layers(model)
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
     updates = {}
     for name, layer in layers.items():
