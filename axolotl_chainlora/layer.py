@@ -39,6 +39,8 @@ class FusedLoraB(nn.Module):
         self.r = r
         self.split_sizes = split_sizes
         self.weight = nn.Parameter(torch.empty(sum(split_sizes), r))
+        # as nn.Linear(bias=False) has it: readers of LoRA's B (axolotl's kernels) look for it
+        self.register_parameter("bias", None)
 
     def blocks(self) -> tuple[torch.Tensor, ...]:
         return self.weight.split(self.split_sizes, dim=0)
@@ -170,6 +172,27 @@ class ChainLoraLayer:
         split_sizes = lora_B.split_sizes if isinstance(lora_B, FusedLoraB) else None
         A = self.lora_A[adapter].weight.float()
         return link_factors(self.lora_core[adapter], A, lora_B.weight, self.scaling[adapter], split_sizes)
+
+    def kernel_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The adapter as one plain LoRA (A', B', s), for kernels that compute s * B' A' dropout(x).
+
+        A' = T A and B' = B (blockdiag(B_1..B_k) for a fused projection), in the adapter's dtype and
+        differentiable: autograd carries A''s gradient on to T and A. Tied links kept beside the base are
+        stacked in front, A'' = [A_tied; A'], B'' = [B_tied / s, B'], since their factors are scaled already.
+        """
+        lora_B = self.lora_B[adapter]
+        split_sizes = lora_B.split_sizes if isinstance(lora_B, FusedLoraB) else None
+        B, A = link_factors(self.lora_core[adapter], self.lora_A[adapter].weight, lora_B.weight, 1.0, split_sizes)
+        scaling = self.scaling[adapter]
+        if self.adds_tied_links(adapter):
+            if not isinstance(self.lora_dropout[adapter], nn.Identity):
+                raise RuntimeError(
+                    f"adapter '{adapter}' has COLA's tied links beside the base and lora_dropout: the LoRA kernels "
+                    "would drop out the tied links' input too. Set lora_dropout: 0, or turn the lora_*_kernel keys off."
+                )
+            A = torch.cat([self.lora_tied_A[adapter].weight.to(A.dtype), A])
+            B = torch.cat([self.lora_tied_B[adapter].weight.to(B.dtype) / scaling, B], dim=1)
+        return A, B, scaling
 
     def adds_tied_links(self, adapter: str) -> bool:
         """Whether forward and the delta weight add the adapter's tied links (not when they are in the base)."""

@@ -12,6 +12,12 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton's interpreter runs axolotl's Triton kernels on CPU tensors (tests/unit/test_kernels.py); it must be
+    # set before Triton is imported, which transformers and peft do
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from helpers import make_input_ids, tiny_gpt2, tiny_llama  # noqa: E402
 
 E2E = Path(__file__).parent / "e2e"

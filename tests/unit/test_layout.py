@@ -22,6 +22,7 @@ LAYERS = (
     "cola",
     "export",
     "__init__",
+    "kernels",
     "plugin",
     "args",
     "demo",
