@@ -7,7 +7,7 @@ rely on an earlier one). The rules on the adapter and the schedule themselves li
 `check_chain_settings` (config.py) and `ColaSchedule` (cola.py): these validators hand them the
 YAML's values, translated by the plugin's `chain_config_fields` and `cola_schedule`, and name the
 YAML keys. The `mode="before"` ones see the raw YAML: they rewrite what axolotl sets up for
-lora/qlora only and a chain adapter needs too (quantization, LoRA kernels off, the legacy merge),
+lora/qlora only and a chain adapter needs too (quantization, LoRA kernels, the legacy merge),
 refuse ReLoRA before axolotl's own ReLoRA checks ask for its settings, and warn about misspelled
 keys.
 """
@@ -17,8 +17,6 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from axolotl.utils.config import resolve_dtype
-from axolotl.utils.dict import DictDefault
 from pydantic import BaseModel, Field, StrictFloat, StrictInt, model_validator
 
 from .cola import COLA_MERGE_MODES, ColaSchedule
@@ -28,10 +26,13 @@ from .log import LOG
 from .plugin import (
     CHAIN_ADAPTERS,
     COLA_ADAPTERS,
-    LORA_KERNELS,
+    PROJECTION_KERNELS,
     builds_adapter,
     chain_config_fields,
     cola_schedule,
+    lora_kernels_obstacle,
+    settle_lora_kernels,
+    training_dtype,
     uses_chain_adapter,
     uses_cola,
 )
@@ -310,18 +311,25 @@ class ChainLoraArgs(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def turn_lora_kernels_off(cls, data: Any) -> Any:
-        # axolotl's Triton LoRA kernels compute B A x directly and would skip the core and the tied links
+    def choose_lora_kernels(cls, data: Any) -> Any:
+        """axolotl's LoRA kernels compute chain adapters and COLA's tied links exactly (kernels.py): on as axolotl
+        turns them on for lora/qlora, refused where they cannot be exact."""
         if not isinstance(data, dict) or not builds_adapter(data):
             return data
-        for key in LORA_KERNELS:
-            if data.get(key):
-                raise ValueError(
-                    f"{key}: true computes plain LoRA (B A x) and would skip the core of "
-                    f"adapter: {data.get('adapter')} and COLA's tied links: set {key}: false or remove it."
-                )
-            data[key] = False
-        LOG.info("adapter: %s: axolotl's LoRA kernels (%s) are off", data.get("adapter"), ", ".join(LORA_KERNELS))
+        settle_lora_kernels(data)
+        on = [key for key in PROJECTION_KERNELS if data.get(key)]
+        obstacle = lora_kernels_obstacle(data)
+        if on and obstacle:
+            raise ValueError(
+                f"{on[0]}: true: axolotl's LoRA kernels cannot compute adapter: {data.get('adapter')} exactly here: "
+                f"{obstacle}. Set {', '.join(on)} to false, or remove them."
+            )
+        if on:
+            LOG.info("adapter: %s: axolotl's LoRA kernels (%s) compute it exactly", data.get("adapter"), ", ".join(on))
+        else:
+            LOG.info(
+                "adapter: %s: axolotl's LoRA kernels are off%s", data.get("adapter"), f" ({obstacle})" * bool(obstacle)
+            )
         return data
 
     @model_validator(mode="before")
@@ -350,7 +358,7 @@ class ChainLoraArgs(BaseModel):
         if data.get("load_in_4bit") and data.get("load_in_8bit"):
             raise ValueError("load_in_4bit and load_in_8bit are both set: choose one.")
         if data.get("load_in_4bit"):
-            dtype = str(_training_dtype(data)).removeprefix("torch.")
+            dtype = str(training_dtype(data)).removeprefix("torch.")
             quantization = {
                 "quant_method": "bitsandbytes",
                 "load_in_4bit": True,
@@ -411,14 +419,6 @@ def _refuse(data, refusals: dict[str, str], setting: str) -> None:
     for key, why in refusals.items():
         if data.get(key):
             raise ValueError(f"{key} cannot be used with {setting}: {why}. Remove {key}.")
-
-
-def _training_dtype(data: dict):
-    """The dtype axolotl will train in, by axolotl's own resolve_dtype (which runs later, in normalize_config):
-    4-bit layers compute in it, as they do for qlora."""
-    precision = DictDefault({key: data.get(key) for key in ("bf16", "fp16", "bfloat16", "float16", "use_ray")})
-    resolve_dtype(precision)
-    return precision.torch_dtype
 
 
 def _one_edit_apart(a: str, b: str) -> bool:

@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import bitsandbytes as bnb
+import torch
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.loaders.adapter import load_lora
+from axolotl.utils.config import resolve_dtype
+from axolotl.utils.dict import DictDefault
+from axolotl.utils.schemas.config import AxolotlConfigWCapabilities
 from axolotl.utils.train import determine_last_checkpoint
 from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import TrainerCallback, set_seed
@@ -27,12 +31,15 @@ from .cola import ColaCallback, ColaSchedule
 from .config import ChainLoraConfig
 from .cores import DEFAULT_LINCHAIN_FACTORS, default_chain_dims
 from .export import ADAPTER_WEIGHTS, fold_to_lora
+from .kernels import kernels_read_chain_adapters, use_chain_lora_parameters
 from .log import LOG
 
 CHAIN_ADAPTERS = ("linchain", "moslora", "mtlora")
 # COLA runs on these; the plain ones through chain_type "lora"
 COLA_ADAPTERS = ("lora", "qlora", *CHAIN_ADAPTERS)
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+# the kernels that read the adapter through get_lora_parameters (chain layers adapt no embeddings)
+PROJECTION_KERNELS = LORA_KERNELS[:3]
 PLAIN_LORA_DIR = "plain_lora"
 
 
@@ -59,6 +66,64 @@ def cola_schedule(cfg) -> ColaSchedule:
         for name, value in settings.items()
         if value is not None
     })  # fmt: skip
+
+
+def training_dtype(cfg) -> torch.dtype:
+    """The dtype axolotl will load and train in, by axolotl's own resolve_dtype (which runs later, in
+    normalize_config)."""
+    precision = DictDefault({key: cfg.get(key) for key in ("bf16", "fp16", "bfloat16", "float16", "use_ray")})
+    resolve_dtype(precision)
+    return precision.torch_dtype
+
+
+def ties_into_base(cfg) -> bool:
+    """Whether COLA will add the tied links into the base weights (ColaCallback decides the same at the start of
+    training, from the loaded weights) rather than keep them beside the base."""
+    # the raw YAML's key: the schedule's own checks run later, in the validators
+    merge = cfg.get("cola_merge") or ColaSchedule.merge
+    if merge != "auto":
+        return merge == "base"
+    quantized = cfg.get("load_in_4bit") or cfg.get("load_in_8bit")
+    return not quantized and training_dtype(cfg) == torch.float32
+
+
+def deepspeed_zero_stage(cfg) -> int | None:
+    """The ZeRO stage of the `deepspeed:` config (a dict or a JSON file), None without one."""
+    deepspeed = cfg.get("deepspeed")
+    if isinstance(deepspeed, str) and Path(deepspeed).is_file():
+        deepspeed = json.loads(Path(deepspeed).read_text())
+    if isinstance(deepspeed, dict):
+        return (deepspeed.get("zero_optimization") or {}).get("stage")
+    return None
+
+
+def lora_kernels_obstacle(cfg) -> str | None:
+    """Why axolotl's LoRA kernels cannot compute this chain adapter or COLA run exactly; None when they can."""
+    if cfg.get("load_in_8bit"):
+        return "they do not run on 8-bit bases (load_in_8bit)"
+    if deepspeed_zero_stage(cfg) == 3:
+        return "under DeepSpeed ZeRO-3 they read the adapter tensors without calling the modules that gather them"
+    if uses_cola(cfg) and cfg.get("lora_dropout") and not ties_into_base(cfg):
+        return (
+            "this COLA run keeps the tied links beside the base (cola_merge: frozen, or auto on a quantized or "
+            "16-bit base), and the kernels would apply lora_dropout to their input too; set lora_dropout: 0"
+        )
+    return None
+
+
+def settle_lora_kernels(cfg) -> None:
+    """Set the lora_*_kernel keys a chain adapter or COLA YAML leaves unset: on where axolotl would turn them on
+    for the same lora/qlora config, there is a CUDA device and the kernels compute the adapter exactly; else off."""
+    if any(cfg.get(key) is not None for key in LORA_KERNELS):
+        return
+    as_lora = {**cfg, "adapter": "qlora" if cfg.get("load_in_4bit") else "lora"}
+    on = (
+        torch.cuda.is_available()
+        and lora_kernels_obstacle(cfg) is None
+        and AxolotlConfigWCapabilities.check_auto_enable_lora_kernels(as_lora).get("lora_mlp_kernel") is True
+    )
+    for key in LORA_KERNELS:
+        cfg[key] = on
 
 
 def chain_config_fields(cfg) -> dict[str, Any]:
@@ -102,11 +167,9 @@ class ChainLoraPlugin(BasePlugin):
 
     def register(self, cfg):
         # axolotl turns its LoRA kernels on for lora/qlora before any plugin validator runs, unless the YAML
-        # sets them: a COLA run sets them off here, on the raw YAML, and the validator refuses a true one
-        if uses_cola(cfg):
-            for key in LORA_KERNELS:
-                if cfg.get(key) is None:
-                    cfg[key] = False
+        # sets them: a COLA run on lora/qlora settles them here, on the raw YAML (the validator does the rest)
+        if builds_adapter(cfg):
+            settle_lora_kernels(cfg)
 
     def get_input_args(self) -> str:
         return "axolotl_chainlora.args.ChainLoraArgs"
@@ -114,6 +177,11 @@ class ChainLoraPlugin(BasePlugin):
     def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
         # lora_like=False: if this plugin did not load the adapter, axolotl errors instead of loading stock LoRA
         return [AdapterCapabilities(name=name) for name in CHAIN_ADAPTERS]
+
+    def pre_model_load(self, cfg):
+        # before axolotl patches its kernels in (after the adapter loads)
+        if builds_adapter(cfg) and any(cfg.get(key) for key in PROJECTION_KERNELS):
+            use_chain_lora_parameters()
 
     def post_model_build(self, cfg, model):
         # axolotl quantizes and prepares lora/qlora bases itself
@@ -163,6 +231,19 @@ class ChainLoraPlugin(BasePlugin):
         tuner.set_adapter("default")
         LOG.info("adapter: %s with COLA: LoRA layers rebuilt as chain layers (chain_type 'lora')", cfg.adapter)
         model.print_trainable_parameters()
+
+    def post_model_load(self, cfg, model):
+        # axolotl's kernels are patched in by now: without the chain-aware lookup they would train plain LoRA
+        if (
+            builds_adapter(cfg)
+            and any(cfg.get(key) for key in PROJECTION_KERNELS)
+            and not kernels_read_chain_adapters()
+        ):
+            raise RuntimeError(
+                "axolotl's LoRA kernels are on but read the adapter through another get_lora_parameters than "
+                "axolotl_chainlora's: they would train plain LoRA. Another integration replaced it; set the "
+                "lora_*_kernel keys to false."
+            )
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         callbacks = []

@@ -9,7 +9,9 @@ names the key and the fix; a good one must validate to what the user meant.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
 import os
 import re
@@ -54,6 +56,29 @@ ADAPTERS = {
 
 
 # ---------------------------------------------------------------- fixtures and helpers
+
+
+class Records(logging.Handler):
+    def __init__(self, level: int):
+        super().__init__(level)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def logged(level: int):
+    """The package's log lines at `level` and above, while the block runs."""
+    records = Records(level)
+    saved_level = LOG.level
+    LOG.addHandler(records)
+    LOG.setLevel(min(level, LOG.getEffectiveLevel()))
+    try:
+        yield records.messages
+    finally:
+        LOG.removeHandler(records)
+        LOG.setLevel(saved_level)
 
 
 @pytest.fixture(scope="module")
@@ -324,16 +349,6 @@ def _combination_cases():
                 ],
             )
         )
-    for kernel in KERNELS:
-        cases.append(
-            (
-                {kernel: True},
-                [
-                    rf"{kernel}: true computes plain LoRA \(B A x\) and would skip the core of adapter: {{a}}",
-                    rf"set {kernel}: false or remove it",
-                ],
-            )
-        )
     for adapter, adapter_keys in ADAPTERS.items():
         for overrides, patterns in cases:
             key = "+".join(f"{k}={v}" if isinstance(v, str) else k for k, v in overrides.items())
@@ -421,11 +436,9 @@ def test_plain_lora_is_left_to_axolotl(tmp_path, base_yaml, monkeypatch, overrid
         pytest.param({**{k: False for k in KERNELS}, "merge_method": "legacy"}, id="explicit-false-and-legacy"),
     ],
 )
-def test_chain_adapter_turns_kernels_off_and_merges_legacy(tmp_path, base_yaml, adapter, overrides):
+def test_chain_adapter_merges_legacy(tmp_path, base_yaml, adapter, overrides):
     cfg = load(tmp_path, base_yaml, **ADAPTERS[adapter], **overrides)
     assert cfg.adapter == adapter
-    for kernel in KERNELS:
-        assert cfg[kernel] is False, kernel
     assert cfg.merge_method == "legacy"
     assert not cfg.overrides_of_model_kwargs and not cfg.load_in_4bit and not cfg.load_in_8bit
 
@@ -514,7 +527,7 @@ def test_validated_chain_cfg_revalidates_on_a_ray_worker(tmp_path, base_yaml):
     cfg = load(tmp_path, base_yaml, use_ray=True, linchain_n=2)
     again = _revalidate_on_ray_worker(cfg)
     assert (again.adapter, again.linchain_n, again.merge_method) == ("linchain", 2, "legacy")
-    assert all(again[kernel] is False for kernel in KERNELS)
+    assert all(again[kernel] is cfg[kernel] for kernel in KERNELS)
 
 
 @pytest.mark.parametrize("bits", ["load_in_4bit", "load_in_8bit"])
@@ -619,7 +632,8 @@ def test_shipped_demo_config_validates(demo_dir, monkeypatch):
     monkeypatch.chdir(demo_dir)  # its paths are relative to the YAML's folder
     cfg = load_cfg("config.yml")
     assert (cfg.adapter, cfg.lora_r, cfg.chain_export_lora, cfg.merge_method) == ("linchain", R, True, "legacy")
-    assert all(cfg[kernel] is False for kernel in KERNELS)
+    # axolotl's LoRA kernels are Triton GPU kernels
+    assert all(cfg[kernel] is torch.cuda.is_available() for kernel in KERNELS)
     assert len(chain_plugins()) == 1
     assert chain_config_fields(cfg) == {"chain_type": "linchain", "chain_init": "kaiming"}
 
@@ -671,7 +685,12 @@ COLA = {"adapter": "lora", "cola_links": 3}
             id="init-false",
         ),
         pytest.param(
-            {"lora_mlp_kernel": True}, [r"lora_mlp_kernel: true computes plain LoRA", r"COLA's tied links"], id="kernel"
+            {"lora_mlp_kernel": True, "lora_dropout": 0.1, "cola_merge": "frozen"},
+            [
+                r"lora_mlp_kernel: true: axolotl's LoRA kernels cannot compute adapter: lora exactly",
+                r"would apply lora_dropout to their input too; set lora_dropout: 0",
+            ],
+            id="kernel-dropout-frozen",
         ),
         pytest.param(
             {"merge_method": "memory_efficient"}, [r"merge_method: memory_efficient merges plain LoRA"], id="memeff"
@@ -693,7 +712,7 @@ def test_rank_step_down_is_refused_under_ddp(tmp_path, base_yaml, monkeypatch):
 
 
 @pytest.mark.parametrize("adapter", ["lora", "qlora", "linchain"])
-def test_cola_cfg_validates_with_kernels_off_and_legacy_merge(tmp_path, base_yaml, adapter):
+def test_cola_cfg_validates_with_legacy_merge(tmp_path, base_yaml, adapter):
     extra = {"load_in_4bit": True} if adapter == "qlora" else {}
     settings = {"cola_knots": [0.5, 0.8], "cola_ranks": [8, 4, 4], "cola_merge": "frozen",
                 "cola_link_warmup_steps": 5, "cola_reset_optimizer": True}  # fmt: skip
@@ -701,28 +720,115 @@ def test_cola_cfg_validates_with_kernels_off_and_legacy_merge(tmp_path, base_yam
     assert (cfg.cola_links, cfg.cola_knots, cfg.cola_ranks) == (3, [0.5, 0.8], [8, 4, 4])
     assert (cfg.cola_merge, cfg.cola_link_warmup_steps, cfg.cola_reset_optimizer) == ("frozen", 5, True)
     assert cfg.merge_method == "legacy"
-    assert not any(cfg.get(kernel) for kernel in KERNELS)
+
+
+# ---------------------------------------------------------------- axolotl's LoRA kernels
+
+
+@pytest.fixture
+def on_a_gpu(monkeypatch):
+    """A machine with a CUDA device, as far as the kernel choice can tell."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+def validated(tmp_path, base: dict, **overrides) -> DictDefault:
+    """The YAML through plugin registration and the schema only: normalize_config would probe the (mocked) GPU."""
+    cfg = DictDefault(yaml.safe_load(open(write_yaml(tmp_path, base, **overrides))))
+    PluginManager._instance = None
+    prepare_plugins(cfg)
+    capabilities, env_capabilities = gpu_capabilities()
+    return validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities)
+
+
+def kernel_flags(cfg) -> dict[str, bool]:
+    return {kernel: cfg[kernel] for kernel in KERNELS}
+
+
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({}, id="float"),
+        pytest.param({"load_in_4bit": True}, id="4bit"),
+        pytest.param({"lora_dropout": 0.1}, id="dropout"),
+        pytest.param({"load_in_8bit": True}, id="8bit"),
+        pytest.param({"rl": "dpo"}, id="rl"),
+    ],
+)
+def test_chain_adapter_gets_the_kernels_axolotl_gives_lora(tmp_path, base_yaml, on_a_gpu, adapter, overrides):
+    """On a GPU the kernels are on where axolotl turns them on for the same lora/qlora config, off where not."""
+    lora = validated(tmp_path, base_yaml, adapter="qlora" if overrides.get("load_in_4bit") else "lora", **overrides)
+    chain = validated(tmp_path, base_yaml, **ADAPTERS[adapter], **overrides)
+    assert kernel_flags(chain) == {kernel: bool(on) for kernel, on in kernel_flags(lora).items()}
+    assert all(kernel_flags(chain).values()) is ("load_in_8bit" not in overrides and "rl" not in overrides)
+
+
+def test_kernels_stay_off_without_a_gpu(tmp_path, base_yaml, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with logged(logging.INFO) as messages:
+        cfg = load(tmp_path, base_yaml)
+    assert not any(kernel_flags(cfg).values())
+    assert "adapter: linchain: axolotl's LoRA kernels are off" in messages
+
+
+@pytest.mark.parametrize("adapter", ["lora", "linchain"])
+def test_cola_keeps_kernels_on_unless_tied_links_beside_the_base_meet_dropout(tmp_path, base_yaml, on_a_gpu, adapter):
+    cola = {**COLA, "adapter": adapter, "lora_dropout": 0.1}
+    # float32 base: the tied links go into the base weights, where the kernels read them undropped
+    assert all(kernel_flags(validated(tmp_path, base_yaml, **cola)).values())
+    # beside the base: off, as the kernels would drop out their input too (axolotl turns them on for lora)
+    assert not any(kernel_flags(validated(tmp_path, base_yaml, **cola, cola_merge="frozen")).values())
+    assert all(
+        kernel_flags(validated(tmp_path, base_yaml, **{**cola, "lora_dropout": 0.0}, cola_merge="frozen")).values()
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        pytest.param({"load_in_8bit": True}, r"they do not run on 8-bit bases \(load_in_8bit\)", id="8bit"),
+        pytest.param({"deepspeed": "ZERO3"}, r"under DeepSpeed ZeRO-3 they read the adapter tensors", id="zero3"),
+        pytest.param(
+            {"cola_links": 2, "cola_merge": "frozen", "lora_dropout": 0.05},
+            r"this COLA run keeps the tied links beside the base .* set lora_dropout: 0",
+            id="cola-dropout",
+        ),
+    ],
+)
+def test_kernels_that_cannot_be_exact_are_refused(tmp_path, base_yaml, overrides, pattern):
+    if overrides.get("deepspeed") == "ZERO3":
+        overrides = {"deepspeed": write_deepspeed_config(tmp_path, stage=3)}
+    refused(
+        tmp_path,
+        base_yaml,
+        [
+            rf"lora_qkv_kernel: true: axolotl's LoRA kernels cannot compute adapter: linchain exactly here: {pattern}",
+            r"Set lora_qkv_kernel to false, or remove them",
+        ],
+        lora_qkv_kernel=True,
+        **overrides,
+    )
+
+
+def write_deepspeed_config(tmp_path, stage: int) -> str:
+    path = tmp_path / f"zero{stage}.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto"}))
+    return str(path)
+
+
+def test_kernels_under_zero2_are_kept(tmp_path, base_yaml):
+    cfg = validated(tmp_path, base_yaml, lora_qkv_kernel=True, deepspeed=write_deepspeed_config(tmp_path, stage=2))
+    assert cfg.lora_qkv_kernel is True
 
 
 # ---------------------------------------------------------------- typos and names
 
 
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture
 def warnings_logged():
     """The package's WARNING lines (axolotl's logging set-up may keep them from pytest's caplog)."""
-    records = Records()
-    LOG.addHandler(records)
-    yield records.messages
-    LOG.removeHandler(records)
+    with logged(logging.WARNING) as messages:
+        yield messages
 
 
 @pytest.mark.parametrize(

@@ -154,12 +154,7 @@ def test_kernels_compute_every_chain_type(axolotl_kernels, input_ids, chain_type
 
 def test_kernels_compute_a_fused_projection(axolotl_kernels, input_ids):
     # each output slice keeps its own B: B' = blockdiag(B_1, B_2)
-    model = chain_model(
-        "mtlora_ctcm",
-        target_modules=PROJECTIONS,
-        task_type="CAUSAL_LM",
-        chain_fused_splits={"q_proj": 2, "up_proj": [40, 24]},
-    )
+    model = kernel_model("mtlora_ctcm", chain_fused_splits={"q_proj": 2, "up_proj": [40, 24]})
     assert_kernels_exact(model, float64_copy(model), input_ids, axolotl_kernels)
 
 
