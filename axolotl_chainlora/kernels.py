@@ -18,12 +18,12 @@ import axolotl.kernels.lora as axolotl_lora
 from .layer import ChainLoraLayer
 
 # axolotl's own lookup, which this module wraps
-_axolotl_lora_parameters = axolotl_lora.get_lora_parameters
+axolotl_lora_parameters = axolotl_lora.get_lora_parameters
 
 
 def chain_lora_parameters(proj):
     """axolotl's `get_lora_parameters`, with A, B, s of a chain layer's adapter as one plain LoRA."""
-    parameters = _axolotl_lora_parameters(proj)
+    parameters = axolotl_lora_parameters(proj)
     A = parameters[3]
     if A is None or not isinstance(proj, ChainLoraLayer):
         return parameters  # a base layer, a disabled or merged adapter, or plain PEFT LoRA

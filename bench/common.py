@@ -29,7 +29,8 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 @dataclass(frozen=True)
 class Method:
-    """One adapter set-up. `chain_type` None is PEFT's own LoRA; `cola_links` > 1 runs COLA on it."""
+    """One adapter set-up. `chain_type` None is PEFT's own LoRA; `cola_links` > 1 runs COLA on it; `kernels`
+    trains it through axolotl's fused LoRA kernels."""
 
     name: str
     chain_type: str | None
@@ -37,6 +38,7 @@ class Method:
     chain_dims: tuple[int, ...] | None = None
     chain_init: str = "kaiming"
     cola_links: int = 1
+    kernels: bool = False
 
     def peft_config(self, target_modules: list[str]) -> LoraConfig:
         # alpha = 2 r throughout: every method starts from the same scale s = 2

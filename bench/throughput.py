@@ -4,6 +4,9 @@
     python bench/throughput.py --preset cpu                        # the CPU table in the README
     python bench/throughput.py --preset llama3-8b [--quant 4bit]   # GPU: Llama-3-8B-shaped, 8 layers, bf16
 
+On CUDA every method is also measured through axolotl's fused LoRA kernels ("+kernels"; `--kernels` asks for
+them elsewhere, e.g. under Triton's interpreter), "lora+kernels" being axolotl's own kernels on PEFT's LoRA.
+
 All methods train the same model on the same batch, interleaved and repeated, the order rotated every
 repeat: each ratio to plain LoRA compares runs of the same repeat. Tokens/s come from the median timed
 step. "frozen base" runs the model with no adapter and back-propagates to the inputs only: the ceiling
@@ -16,16 +19,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import statistics
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
+from axolotl.monkeypatch.lora_kernels import (
+    apply_lora_kernel_patches,
+    original_apply_o,
+    original_apply_qkv,
+    patch_self_attn_lora,
+)
+from axolotl.utils.dict import DictDefault
 from common import LLAMA_PROJECTIONS, RESULTS, Cola, Method, chain_methods, device_name, llama, write_result
 from peft import get_peft_model
 from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+from axolotl_chainlora.kernels import use_chain_lora_parameters
 
 PRESETS = {
     "smoke": dict(
@@ -48,15 +62,34 @@ PRESETS = {
 
 FROZEN_BASE = Method("frozen base", None, 0)
 PLAIN_LORA = "lora"
+KERNEL_LORA = "lora+kernels"  # axolotl's own kernels on PEFT's LoRA: what the "+kernels" methods must match
 
 
-def methods(rank: int) -> list[Method]:
-    return [
-        FROZEN_BASE,
-        Method(PLAIN_LORA, None, rank),
-        *chain_methods(rank),
-        Method("lora+cola-3", "lora", rank, cola_links=3),
-    ]
+KERNELS = {"lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}
+
+
+def methods(rank: int, kernels: bool) -> list[Method]:
+    adapters = [Method(PLAIN_LORA, None, rank), *chain_methods(rank)]
+    fused = [dataclasses.replace(m, name=f"{m.name}+kernels", kernels=True) for m in adapters] if kernels else []
+    return [FROZEN_BASE, *adapters, Method("lora+cola-3", "lora", rank, cola_links=3), *fused]
+
+
+def prepare_kernels(base: LlamaForCausalLM) -> None:
+    """What axolotl does once per run with the LoRA kernels on: rewrite the attention class to call apply_qkv and
+    apply_o, and (this package's plugin) make the kernels read chain adapters. The base's attention modules get
+    axolotl's unfused apply_qkv/apply_o, as its patcher gives every method without the kernels."""
+    with tempfile.TemporaryDirectory() as config_dir:
+        base.config.save_pretrained(config_dir)  # axolotl finds the attention class from the model's config
+        patch_self_attn_lora(DictDefault(base_model=config_dir, model_config_type="llama", **KERNELS))
+    use_chain_lora_parameters()
+    unfuse(base)
+
+
+def unfuse(base: LlamaForCausalLM) -> None:
+    for layer in base.model.layers:
+        layer.self_attn.apply_qkv = types.MethodType(original_apply_qkv, layer.self_attn)
+        layer.self_attn.apply_o = types.MethodType(original_apply_o, layer.self_attn)
+        layer.mlp.__dict__.pop("forward", None)  # the class's own forward again
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -127,6 +160,9 @@ def measure(base, method: Method, preset: dict, batch: torch.Tensor, memory: Pea
         model.enable_input_require_grads()  # back-propagate to the inputs, through every layer
     else:
         model = get_peft_model(base, method.peft_config(LLAMA_PROJECTIONS)).train()
+        if method.kernels:
+            apply_lora_kernel_patches(model, DictDefault(model_config_type="llama", **KERNELS))
+            assert type(base.model.layers[0].mlp.forward) is types.MethodType, "axolotl's MLP kernel is not in place"
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     cola = None
@@ -165,6 +201,8 @@ def measure(base, method: Method, preset: dict, batch: torch.Tensor, memory: Pea
         model.disable_input_require_grads()
     else:
         model.unload()  # the base's own modules back, for the next method
+        if method.kernels:
+            unfuse(base)
     return result
 
 
@@ -182,6 +220,10 @@ def summarize(runs: list[dict[str, dict]]) -> dict[str, dict]:
             "peak_gib": max(peaks),
             "peak_gib_vs_lora": max(p - run[PLAIN_LORA]["peak_gib"] for p, run in zip(peaks, runs)),
         }  # fmt: skip
+        if name.endswith("+kernels"):
+            summary[name]["speed_vs_lora_kernels"] = statistics.median(
+                r["tokens_per_s"] / run[KERNEL_LORA]["tokens_per_s"] for r, run in zip(results, runs)
+            )
         knots = [s for r in results for s in r.get("knot_s", [])]
         if knots:
             summary[name]["knot_s_max"] = max(knots)
@@ -189,16 +231,21 @@ def summarize(runs: list[dict[str, dict]]) -> dict[str, dict]:
 
 
 def markdown(summary: dict[str, dict]) -> str:
+    kernels = KERNEL_LORA in summary
     lines = [
-        "| method | tokens/s | vs LoRA: median (min-max over repeats) | peak GiB | vs LoRA (GiB) |",
-        "|---|---|---|---|---|",
+        "| method | tokens/s | vs LoRA: median (min-max over repeats) |"
+        + (" vs LoRA+kernels |" if kernels else "")
+        + " peak GiB | vs LoRA (GiB) |",
+        "|---|---|---|" + ("---|" if kernels else "") + "---|---|",
     ]
     for name, s in summary.items():
         knot = f" (knot: {s['knot_s_max']:.3f} s max)" if "knot_s_max" in s else ""
         low, high = s["speed_vs_lora_range"]
+        vs_kernels = f" {s['speed_vs_lora_kernels']:.3f}x |" if "speed_vs_lora_kernels" in s else " |"
         lines.append(
-            f"| {name}{knot} | {s['tokens_per_s']:,.0f} | {s['speed_vs_lora']:.3f}x ({low:.2f}-{high:.2f}) "
-            f"| {s['peak_gib']:.2f} | {s['peak_gib_vs_lora']:+.3f} |"
+            f"| {name}{knot} | {s['tokens_per_s']:,.0f} | {s['speed_vs_lora']:.3f}x ({low:.2f}-{high:.2f}) |"
+            + (vs_kernels if kernels else "")
+            + f" {s['peak_gib']:.2f} | {s['peak_gib_vs_lora']:+.3f} |"
         )
     return "\n".join(lines)
 
@@ -209,6 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quant", choices=["none", "4bit"], default="none")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--kernels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure every method through axolotl's fused LoRA kernels (default: on CUDA only)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     preset, device = PRESETS[args.preset], torch.device(args.device)
@@ -218,7 +271,10 @@ def main(argv: list[str] | None = None) -> dict:
     batch = torch.randint(
         0, preset["shape"]["vocab_size"], (preset["batch"], preset["seq"]), generator=torch.Generator().manual_seed(0)
     ).to(device)
-    compared = methods(args.rank)
+    kernels = device.type == "cuda" if args.kernels is None else args.kernels
+    if kernels:
+        prepare_kernels(base)
+    compared = methods(args.rank, kernels)
     runs = []
     for repeat in range(preset["repeats"]):
         shift = repeat % len(compared)
@@ -233,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {
             "preset": args.preset, **preset, "quant": args.quant, "rank": args.rank, "targets": LLAMA_PROJECTIONS,
             "dtype": str(next(base.parameters()).dtype), "gradient_checkpointing": True, "optimizer": "AdamW",
+            "kernels": kernels,
         },
         "summary": summary,
         "runs": runs,

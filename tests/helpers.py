@@ -7,6 +7,7 @@ Fixtures are in the conftest.py files; this module holds plain functions and con
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -167,6 +168,11 @@ def logits_of(model, inputs: torch.Tensor | dict[str, torch.Tensor], dtype=torch
 def offline_env(**extra: str) -> dict[str, str]:
     """This process's environment for a subprocess, offline (no downloads, no telemetry), plus `extra`."""
     return {**os.environ, **OFFLINE_ENV, "TRANSFORMERS_OFFLINE": "1", **extra}
+
+
+def logged_losses(log: str) -> list[float]:
+    """The per-step training losses of the HF Trainer log ({'loss': '6.082', ...})."""
+    return [float(value) for value in re.findall(r"\{'loss': '([0-9.]+)'", log)]
 
 
 def output_of(result: subprocess.CompletedProcess) -> str:

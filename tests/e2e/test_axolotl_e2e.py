@@ -25,6 +25,7 @@ import yaml
 from helpers import (
     TRAIN_STEPS,
     load_base,
+    logged_losses,
     logits_of,
     output_of,
     reference_core,
@@ -68,11 +69,6 @@ MIN_LOSS_DROP = 0.2  # measured drop after 20 steps: about 0.48 for every run
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def logged_losses(log: str) -> list[float]:
-    """The per-step training losses of the HF Trainer log ({'loss': '6.082', ...})."""
-    return [float(value) for value in re.findall(r"\{'loss': '([0-9.]+)'", log)]
 
 
 def trainable_params_line(log: str) -> str:

@@ -13,29 +13,31 @@ from helpers import REPO, offline_env
 BENCH = REPO / "bench"
 
 
-def run_bench(script: str, out_dir: Path) -> dict:
+def run_bench(script: str, out_dir: Path, *options: str, **env: str) -> dict:
     command = [sys.executable, str(BENCH / script), "--preset", "smoke", "--device", "cpu", "--out", str(out_dir)]
-    result = subprocess.run(command, env=offline_env(), capture_output=True, text=True, timeout=600)
+    command += options
+    result = subprocess.run(command, env=offline_env(**env), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (written,) = out_dir.glob(f"{script.removesuffix('.py')}-smoke*.json")
     return json.loads(written.read_text())
 
 
 def test_throughput_records_every_method_against_plain_lora(tmp_path):
-    record = run_bench("throughput.py", tmp_path)
+    # the "+kernels" methods through axolotl's kernels under Triton's interpreter (the e2e kernel tests' shim)
+    record = run_bench("throughput.py", tmp_path, "--kernels", PYTHONPATH=str(REPO / "tests/e2e/cpu_kernels"))
     summary = record["summary"]
-    assert list(summary) == [
-        "frozen base", "lora", "linchain-3-16", "linchain-2-8", "moslora",
-        "mtlora-shim", "mtlora-icfm", "mtlora-ctcm", "mtlora-dtsm", "lora+cola-3",
-    ]  # fmt: skip
+    adapters = ["lora", "linchain-3-16", "linchain-2-8", "moslora", "mtlora-shim", "mtlora-icfm", "mtlora-ctcm",
+                "mtlora-dtsm"]  # fmt: skip
+    assert list(summary) == ["frozen base", *adapters, "lora+cola-3", *(f"{name}+kernels" for name in adapters)]
     assert summary["lora"]["speed_vs_lora"] == 1.0 and summary["lora"]["peak_gib_vs_lora"] == 0.0
+    assert summary["lora+kernels"]["speed_vs_lora_kernels"] == 1.0 and record["settings"]["kernels"] is True
     for name, figures in summary.items():
         assert figures["tokens_per_s"] > 0 and figures["peak_gib"] > 0, name
     # both knots fell inside the timed window of every repeat
     (run,) = record["runs"]
     assert len(run["lora+cola-3"]["knot_s"]) == 2 and summary["lora+cola-3"]["knot_s_max"] > 0
     assert record["device"].startswith("CPU") and record["versions"]["peft"]
-    assert "| lora+cola-3 (knot:" in record["table"]
+    assert "| lora+cola-3 (knot:" in record["table"] and "vs LoRA+kernels" in record["table"]
 
 
 def test_convergence_trains_every_method_and_the_control(tmp_path):

@@ -25,7 +25,7 @@ from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from axolotl_chainlora.kernels import _axolotl_lora_parameters, chain_lora_parameters, use_chain_lora_parameters
+from axolotl_chainlora.kernels import axolotl_lora_parameters, chain_lora_parameters, use_chain_lora_parameters
 from axolotl_chainlora.layer import ChainLoraLayer
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -219,7 +219,7 @@ def test_stock_lookup_is_caught(axolotl_kernels, input_ids, chain_type):
             layer.tie_link("default", into_base=False)
         randomize_adapters(model, seed=4)
     reference_loss, _ = loss_and_gradients(with_kernels(float64_copy(model), kernels=False), input_ids)
-    axolotl_kernels["lookup"] = _axolotl_lora_parameters
+    axolotl_kernels["lookup"] = axolotl_lora_parameters
     try:
         loss, gradients = fused_loss_and_gradients(copy.deepcopy(model), input_ids, axolotl_kernels)
         with pytest.raises(

@@ -1,15 +1,18 @@
 """The plugin's hooks: inert for configs without a chain adapter (axolotl 0.21 loads the plugin for every
-config), and loud when a quantized base did not come out quantized."""
+config), loud when a quantized base did not come out quantized, and in charge of what axolotl's LoRA kernels
+read."""
 
 from __future__ import annotations
 
 import copy
 
+import axolotl.kernels.lora as axolotl_lora
 import pytest
 from axolotl.utils.dict import DictDefault
 from helpers import tiny_llama
 
 from axolotl_chainlora import ChainLoraPlugin
+from axolotl_chainlora.kernels import axolotl_lora_parameters, chain_lora_parameters
 
 
 @pytest.mark.parametrize("adapter", [None, "lora", "qlora"])
@@ -32,3 +35,32 @@ def test_an_unquantized_base_is_refused_when_quantization_was_asked_for(bits):
     cfg = DictDefault(adapter="linchain", gradient_checkpointing=False, **{bits: True})
     with pytest.raises(RuntimeError, match=rf"{bits} is set but the base model loaded without Linear"):
         ChainLoraPlugin().post_model_build(cfg, tiny_llama())
+
+
+@pytest.fixture
+def axolotl_lookup(monkeypatch):
+    """axolotl's get_lora_parameters, put back after the test."""
+    monkeypatch.setattr(axolotl_lora, "get_lora_parameters", axolotl_lora_parameters)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "chain_aware"),
+    [
+        pytest.param({"adapter": "linchain", "lora_qkv_kernel": True}, True, id="chain-adapter"),
+        pytest.param({"adapter": "lora", "cola_links": 2, "lora_mlp_kernel": True}, True, id="cola-on-lora"),
+        pytest.param({"adapter": "linchain", "lora_embedding_kernel": True}, False, id="no-projection-kernel"),
+        pytest.param({"adapter": "lora", "lora_mlp_kernel": True}, False, id="plain-lora"),
+    ],
+)
+def test_kernels_read_chain_adapters_once_the_model_loads(axolotl_lookup, cfg, chain_aware):
+    ChainLoraPlugin().pre_model_load(DictDefault(cfg))
+    assert (axolotl_lora.get_lora_parameters is chain_lora_parameters) is chain_aware
+
+
+def test_kernels_reading_plain_lora_stop_the_run(axolotl_lookup):
+    # negative control: the kernels on, axolotl's own lookup in place (another integration replaced ours)
+    cfg = DictDefault(adapter="moslora", lora_o_kernel=True)
+    with pytest.raises(RuntimeError, match="they would train plain LoRA"):
+        ChainLoraPlugin().post_model_load(cfg, model=None)
+    ChainLoraPlugin().pre_model_load(cfg)
+    ChainLoraPlugin().post_model_load(cfg, model=None)
