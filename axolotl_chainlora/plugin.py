@@ -228,6 +228,8 @@ class ChainLoraPlugin(BasePlugin):
         tuner.inject_adapter(
             tuner.model, "default", autocast_adapter_dtype=cfg.peft_autocast_adapter_dtype is not False
         )
+        # unload() took it off the model, as BaseTuner.__init__ puts it there (axolotl's kernel patcher reads it)
+        tuner.model.peft_config = tuner.peft_config
         tuner.set_adapter("default")
         LOG.info("adapter: %s with COLA: LoRA layers rebuilt as chain layers (chain_type 'lora')", cfg.adapter)
         model.print_trainable_parameters()

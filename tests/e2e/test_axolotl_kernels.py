@@ -21,9 +21,15 @@ from axolotl_chainlora.export import ADAPTER_WEIGHTS
 
 SHIM = Path(__file__).parent / "cpu_kernels"
 KERNELS = {"lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}
-LINCHAIN = {"adapter": "linchain", "linchain_dims": [8, 16, 8]}
+# run name -> the YAML, trained with the kernels and without ("<name>-unfused")
+ADAPTERS = {
+    "linchain": {"adapter": "linchain", "linchain_dims": [8, 16, 8]},
+    # COLA rebuilds plain LoRA as chain layers after axolotl built it; the knot at step 10 ties the first link
+    # beside the base, which the kernels then read stacked in front of the second
+    "cola": {"adapter": "lora", "cola_links": 2, "cola_merge": "frozen"},
+}
 # the relative Frobenius difference of an adapter tensor between the two runs after 20 AdamW steps: measured at
-# most 2e-5 (median 5e-7); a run without the core in its forward would train other tensors altogether
+# most 2e-5 (median 5e-7), 6e-6 for COLA; a run without the core in its forward would train other tensors altogether
 ADAPTER_TOLERANCE = 1e-4
 
 
@@ -31,25 +37,28 @@ ADAPTER_TOLERANCE = 1e-4
 def runs(workspace):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SHIM), os.environ.get("PYTHONPATH")])))
-        configs = {
-            "kernels": write_config(workspace, "kernels", **LINCHAIN, **KERNELS),
-            "unfused": write_config(workspace, "unfused", **LINCHAIN, **dict.fromkeys(KERNELS, False)),
-            "stock-lookup": write_config(workspace, "stock-lookup", **LINCHAIN, **KERNELS),
-        }
+        configs = {"stock-lookup": write_config(workspace, "stock-lookup", **ADAPTERS["linchain"], **KERNELS)}
+        for name, adapter in ADAPTERS.items():
+            configs[name] = write_config(workspace, name, **adapter, **KERNELS)
+            configs[f"{name}-unfused"] = write_config(
+                workspace, f"{name}-unfused", **adapter, **dict.fromkeys(KERNELS, False)
+            )
         return run_all(workspace, {name: ["train", config] for name, config in configs.items()})
 
 
-def test_kernels_train_a_chain_adapter_as_the_unfused_layers_do(workspace, runs):
-    require_success(runs["kernels"], "axolotl train with the LoRA kernels")
-    require_success(runs["unfused"], "axolotl train without the LoRA kernels")
-    kernel_log, unfused_log = output_of(runs["kernels"]), output_of(runs["unfused"])
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_kernels_train_as_the_unfused_layers_do(workspace, runs, name):
+    require_success(runs[name], f"axolotl train {name} with the LoRA kernels")
+    require_success(runs[f"{name}-unfused"], f"axolotl train {name} without the LoRA kernels")
+    kernel_log, unfused_log = output_of(runs[name]), output_of(runs[f"{name}-unfused"])
     assert "axolotl's LoRA kernels (lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel) compute it exactly" in kernel_log
     assert "Patched attention class with LoRA optims" in kernel_log
     assert "axolotl's LoRA kernels are off" in unfused_log
 
-    fused = load_file(workspace / "out-kernels" / ADAPTER_WEIGHTS)
-    unfused = load_file(workspace / "out-unfused" / ADAPTER_WEIGHTS)
-    assert fused.keys() == unfused.keys() and any("lora_core" in key for key in fused)
+    fused = load_file(workspace / f"out-{name}" / ADAPTER_WEIGHTS)
+    unfused = load_file(workspace / f"out-{name}-unfused" / ADAPTER_WEIGHTS)
+    core = "lora_core" if name == "linchain" else "lora_tied_A"
+    assert fused.keys() == unfused.keys() and any(core in key for key in fused)
     errors = {key: ((fused[key] - unfused[key]).norm() / unfused[key].norm()).item() for key in fused}
     worst = max(errors, key=errors.get)
     assert errors[worst] < ADAPTER_TOLERANCE, f"{worst}: {errors[worst]:.2e}"

@@ -232,3 +232,12 @@ def test_stock_lookup_is_caught(axolotl_kernels, input_ids, chain_type):
     cores = [name for name in gradients if "lora_core" in name]
     assert len(cores) == (0 if chain_type == "lora" else 2 * len(PROJECTIONS) * len(LINCHAIN_DIMS[1:]))
     assert all(gradients[name] is None for name in cores)
+
+
+def test_tied_links_beside_the_base_with_dropout_are_refused_at_the_first_forward():
+    # the config validation refuses this (lora_kernels_obstacle); here ColaCallback decided otherwise than predicted
+    model = kernel_model("moslora", lora_dropout=0.1)
+    layer = next(iter(chain_layers(model).values()))
+    layer.tie_link("default", into_base=False)
+    with pytest.raises(RuntimeError, match="would drop out the tied links' input too. Set lora_dropout: 0"):
+        chain_lora_parameters(layer)
