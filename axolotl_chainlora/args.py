@@ -324,12 +324,6 @@ class ChainLoraArgs(BaseModel):
                 f"{on[0]}: true: axolotl's LoRA kernels cannot compute adapter: {data.get('adapter')} exactly here: "
                 f"{obstacle}. Set {', '.join(on)} to false, or remove them."
             )
-        if on:
-            LOG.info("adapter: %s: axolotl's LoRA kernels (%s) compute it exactly", data.get("adapter"), ", ".join(on))
-        else:
-            LOG.info(
-                "adapter: %s: axolotl's LoRA kernels are off%s", data.get("adapter"), f" ({obstacle})" * bool(obstacle)
-            )
         return data
 
     @model_validator(mode="before")

@@ -113,17 +113,20 @@ def lora_kernels_obstacle(cfg) -> str | None:
 
 def settle_lora_kernels(cfg) -> None:
     """Set the lora_*_kernel keys a chain adapter or COLA YAML leaves unset: on where axolotl would turn them on
-    for the same lora/qlora config, there is a CUDA device and the kernels compute the adapter exactly; else off."""
+    for the same lora/qlora config, there is a CUDA device and the kernels compute the adapter exactly; else off,
+    logged with the reason."""
     if any(cfg.get(key) is not None for key in LORA_KERNELS):
         return
     as_lora = {**cfg, "adapter": "qlora" if cfg.get("load_in_4bit") else "lora"}
-    on = (
-        torch.cuda.is_available()
-        and lora_kernels_obstacle(cfg) is None
-        and AxolotlConfigWCapabilities.check_auto_enable_lora_kernels(as_lora).get("lora_mlp_kernel") is True
-    )
+    reason = lora_kernels_obstacle(cfg)
+    if reason is None and not torch.cuda.is_available():
+        reason = "no CUDA device: they are Triton GPU kernels"
+    if reason is None and not AxolotlConfigWCapabilities.check_auto_enable_lora_kernels(as_lora).get("lora_mlp_kernel"):
+        reason = f"axolotl keeps them off for this config with adapter: {as_lora['adapter']}"
     for key in LORA_KERNELS:
-        cfg[key] = on
+        cfg[key] = reason is None
+    if reason:
+        LOG.info("adapter: %s: axolotl's LoRA kernels are off (%s)", cfg.get("adapter"), reason)
 
 
 def chain_config_fields(cfg) -> dict[str, Any]:
@@ -180,8 +183,10 @@ class ChainLoraPlugin(BasePlugin):
 
     def pre_model_load(self, cfg):
         # before axolotl patches its kernels in (after the adapter loads)
-        if builds_adapter(cfg) and any(cfg.get(key) for key in PROJECTION_KERNELS):
+        kernels = [key for key in PROJECTION_KERNELS if cfg.get(key)]
+        if builds_adapter(cfg) and kernels:
             use_chain_lora_parameters()
+            LOG.info("adapter: %s: axolotl's LoRA kernels (%s) compute it exactly", cfg.adapter, ", ".join(kernels))
 
     def post_model_build(self, cfg, model):
         # axolotl quantizes and prepares lora/qlora bases itself

@@ -20,6 +20,6 @@ def test_demo_trains_through_axolotl_and_exports_exactly(tmp_path):
     assert (out / "out" / "merged" / "model.safetensors").is_file()
     # the plugin says what it changed, in axolotl's own log
     train_log = (out / "train.log").read_text()
-    assert "axolotl's LoRA kernels (lora_mlp_kernel" in train_log and "folded into a plain LoRA" in train_log
+    assert "axolotl's LoRA kernels are off (no CUDA device" in train_log and "folded into a plain LoRA" in train_log
     # a second run never overwrites a finished one
     assert main(["demo", str(out)]) == 2

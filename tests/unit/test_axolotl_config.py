@@ -768,7 +768,7 @@ def test_kernels_stay_off_without_a_gpu(tmp_path, base_yaml, monkeypatch):
     with logged(logging.INFO) as messages:
         cfg = load(tmp_path, base_yaml)
     assert not any(kernel_flags(cfg).values())
-    assert "adapter: linchain: axolotl's LoRA kernels are off" in messages
+    assert "adapter: linchain: axolotl's LoRA kernels are off (no CUDA device: they are Triton GPU kernels)" in messages
 
 
 @pytest.mark.parametrize("adapter", ["lora", "linchain"])
