@@ -26,10 +26,10 @@ from .log import LOG
 from .plugin import (
     CHAIN_ADAPTERS,
     COLA_ADAPTERS,
-    PROJECTION_KERNELS,
     builds_adapter,
     chain_config_fields,
     cola_schedule,
+    kernels_on,
     lora_kernels_obstacle,
     settle_lora_kernels,
     training_dtype,
@@ -317,7 +317,7 @@ class ChainLoraArgs(BaseModel):
         if not isinstance(data, dict) or not builds_adapter(data):
             return data
         settle_lora_kernels(data)
-        on = [key for key in PROJECTION_KERNELS if data.get(key)]
+        on = kernels_on(data)
         obstacle = lora_kernels_obstacle(data)
         if on and obstacle:
             raise ValueError(

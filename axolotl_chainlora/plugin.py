@@ -38,8 +38,6 @@ CHAIN_ADAPTERS = ("linchain", "moslora", "mtlora")
 # COLA runs on these; the plain ones through chain_type "lora"
 COLA_ADAPTERS = ("lora", "qlora", *CHAIN_ADAPTERS)
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
-# the kernels that read the adapter through get_lora_parameters (chain layers adapt no embeddings)
-PROJECTION_KERNELS = LORA_KERNELS[:3]
 PLAIN_LORA_DIR = "plain_lora"
 
 
@@ -66,6 +64,11 @@ def cola_schedule(cfg) -> ColaSchedule:
         for name, value in settings.items()
         if value is not None
     })  # fmt: skip
+
+
+def kernels_on(cfg) -> list[str]:
+    """The lora_*_kernel keys that are on and read the adapter (chain layers adapt no embeddings)."""
+    return [key for key in LORA_KERNELS[:3] if cfg.get(key)]
 
 
 def training_dtype(cfg) -> torch.dtype:
@@ -183,10 +186,11 @@ class ChainLoraPlugin(BasePlugin):
 
     def pre_model_load(self, cfg):
         # before axolotl patches its kernels in (after the adapter loads)
-        kernels = [key for key in PROJECTION_KERNELS if cfg.get(key)]
-        if builds_adapter(cfg) and kernels:
+        if builds_adapter(cfg) and kernels_on(cfg):
             use_chain_lora_parameters()
-            LOG.info("adapter: %s: axolotl's LoRA kernels (%s) compute it exactly", cfg.adapter, ", ".join(kernels))
+            LOG.info(
+                "adapter: %s: axolotl's LoRA kernels (%s) compute it exactly", cfg.adapter, ", ".join(kernels_on(cfg))
+            )
 
     def post_model_build(self, cfg, model):
         # axolotl quantizes and prepares lora/qlora bases itself
@@ -241,11 +245,7 @@ class ChainLoraPlugin(BasePlugin):
 
     def post_model_load(self, cfg, model):
         # axolotl's kernels are patched in by now: without the chain-aware lookup they would train plain LoRA
-        if (
-            builds_adapter(cfg)
-            and any(cfg.get(key) for key in PROJECTION_KERNELS)
-            and not kernels_read_chain_adapters()
-        ):
+        if builds_adapter(cfg) and kernels_on(cfg) and not kernels_read_chain_adapters():
             raise RuntimeError(
                 "axolotl's LoRA kernels are on but read the adapter through another get_lora_parameters than "
                 "axolotl_chainlora's: they would train plain LoRA. Another integration replaced it; set the "
