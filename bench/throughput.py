@@ -4,6 +4,10 @@
     python bench/throughput.py --preset cpu                        # the CPU table in the README
     python bench/throughput.py --preset llama3-8b [--quant 4bit]   # GPU: Llama-3-8B-shaped, 8 layers, bf16
 
+`--override KEY=VALUE` (repeatable) changes one setting of the preset or of its model shape, e.g.
+`--override steps=5 --override repeats=2` to shorten a GPU run, or `--override num_hidden_layers=1` and a small
+`hidden_size`/`intermediate_size` to walk a GPU preset's code paths on the CPU.
+
 On CUDA every method is also measured through axolotl's fused LoRA kernels ("+kernels"; `--kernels` asks for
 them elsewhere, e.g. under Triton's interpreter), "lora+kernels" being axolotl's own kernels on PEFT's LoRA.
 
@@ -206,6 +210,19 @@ def measure(base, method: Method, preset: dict, batch: torch.Tensor, memory: Pea
     return result
 
 
+def with_overrides(preset: dict, overrides: list[str]) -> dict:
+    """The preset with KEY=VALUE settings replaced (integers; a key of the model shape or of the preset)."""
+    preset = {**preset, "shape": dict(preset["shape"])}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        settings = preset["shape"] if key in preset["shape"] else preset
+        if key not in settings or key == "shape":
+            known = sorted([*preset["shape"], *(k for k in preset if k != "shape")])
+            raise SystemExit(f"--override {override}: {key!r} is not a setting of this preset; one of {known}")
+        settings[key] = type(settings[key])(value)
+    return preset
+
+
 def summarize(runs: list[dict[str, dict]]) -> dict[str, dict]:
     """Per method: median tokens/s, median of the per-repeat ratios to plain LoRA, peak memory."""
     summary = {}
@@ -263,8 +280,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="also measure every method through axolotl's fused LoRA kernels (default: on CUDA only)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--override", action="append", default=[], metavar="KEY=VALUE", help="a preset or shape setting"
+    )
     args = parser.parse_args(argv)
-    preset, device = PRESETS[args.preset], torch.device(args.device)
+    preset, device = with_overrides(PRESETS[args.preset], args.override), torch.device(args.device)
 
     memory = PeakMemory(device)
     base = base_model(preset, args.quant, device)

@@ -21,15 +21,19 @@ if not torch.cuda.is_available():
 from helpers import make_input_ids, tiny_gpt2, tiny_llama  # noqa: E402
 
 E2E = Path(__file__).parent / "e2e"
+GPU = Path(__file__).parent / "gpu"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test under tests/e2e is an e2e test; a gpu test is skipped where CUDA is not available."""
+    """Every test under tests/e2e is an e2e test, every one under tests/gpu a gpu test; a gpu test is skipped where
+    CUDA is not available."""
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
     has_cuda = torch.cuda.is_available()
     for item in items:
         if item.path.is_relative_to(E2E):
             item.add_marker(pytest.mark.e2e)
+        if item.path.is_relative_to(GPU):
+            item.add_marker(pytest.mark.gpu)
         if not has_cuda and item.get_closest_marker("gpu"):
             item.add_marker(skip_gpu)
 

@@ -212,9 +212,10 @@ def write_config(workspace: Path, name: str, run_defaults: bool = True, **change
     return path.name
 
 
-def run_all(workspace: Path, jobs: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
-    """Run axolotl commands two at a time (2 CPU cores); job name -> CLI args, log at <name>.log."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
+def run_all(workspace: Path, jobs: dict[str, list[str]], at_once: int = 2) -> dict[str, subprocess.CompletedProcess]:
+    """Run axolotl commands `at_once` at a time (2: the CI's two CPU cores); job name -> CLI args, log at
+    <name>.log."""
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
         futures = {name: pool.submit(run_axolotl, args, workspace, f"{name}.log") for name, args in jobs.items()}
         return {name: future.result() for name, future in futures.items()}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,56 @@ def test_convergence_trains_every_method_and_the_control(tmp_path):
     assert summary["lora, linchain init folded into A"]["trainable_parameters"] == lora_parameters
     assert summary["linchain-3-4"]["trainable_parameters"] == lora_parameters + 3 * 4 * 4 * 14
     assert (tmp_path / "convergence-smoke.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------- the GPU check, on the CPU
+
+TINY_LLAMA3 = ["num_hidden_layers=1", "hidden_size=64", "intermediate_size=224", "num_attention_heads=4",
+               "num_key_value_heads=2", "seq=32", "batch=1", "warmup=1", "steps=3", "repeats=1"]  # fmt: skip
+
+
+def gpu_check_parts(out_dir: Path) -> dict[str, tuple[int, str]]:
+    """scripts/gpu_check.sh --dry-run's parts: name -> (timeout, command)."""
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts/gpu_check.sh"), "--dry-run", str(out_dir)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    parts = {}
+    for line in result.stdout.splitlines()[1:]:
+        match = re.fullmatch(r"(\S+) \(timeout (\d+)s\): (.+)", line)
+        assert match, line
+        parts[match[1]] = (int(match[2]), match[3])
+    return parts
+
+
+def test_gpu_check_lists_its_parts_within_the_budget(tmp_path):
+    parts = gpu_check_parts(tmp_path / "out")
+    assert list(parts) == ["gpu-tests", "throughput-bf16", "throughput-4bit"]
+    assert sum(timeout for timeout, _ in parts.values()) <= 9 * 60
+    assert parts["gpu-tests"][1].endswith(f"-m pytest -m gpu tests/gpu -v -s --junitxml={tmp_path}/out/gpu-tests.xml")
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "scripts/gpu_check.sh"), str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2 and "sees no CUDA device" in result.stderr
+
+
+def test_gpu_check_throughput_commands_walk_their_code_paths_on_a_tiny_llama(tmp_path):
+    """The GPU check's own benchmark commands, with the model and run made tiny: every code path of the
+    llama3-8b preset (4-bit included; the kernels under Triton's interpreter in bf16's command) on the CPU."""
+    parts = gpu_check_parts(tmp_path)
+    for name, extra in (("throughput-bf16", ["--kernels"]), ("throughput-4bit", [])):
+        command = parts[name][1].split() + ["--device", "cpu", *extra]
+        command += [arg for setting in TINY_LLAMA3 for arg in ("--override", setting)]
+        env = offline_env(PYTHONPATH=str(REPO / "tests/e2e/cpu_kernels"))
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+        (written,) = tmp_path.glob(f"throughput-llama3-8b-{'4bit' if '4bit' in name else 'none'}-cpu.json")
+        record = json.loads(written.read_text())
+        assert (
+            record["settings"]["shape"]["num_hidden_layers"] == 1
+            and record["settings"]["shape"]["vocab_size"] == 128256
+        )
+        assert record["settings"]["kernels"] is bool(extra)
+        assert "lora+cola-3" in record["summary"]
