@@ -13,6 +13,9 @@ Without this, axolotl's patcher, which accepts any module with `lora_A`, would t
 
 from __future__ import annotations
 
+import sys
+import types
+
 import axolotl.kernels.lora as axolotl_lora
 
 from .layer import ChainLoraLayer
@@ -36,9 +39,21 @@ def chain_lora_parameters(proj):
 
 
 def use_chain_lora_parameters() -> None:
-    """Make axolotl's LoRA kernels read chain adapters through `chain_lora_parameters`."""
-    axolotl_lora.get_lora_parameters = chain_lora_parameters
+    """Make axolotl's LoRA kernels read chain adapters through `chain_lora_parameters`: in axolotl.kernels.lora,
+    and in the axolotl modules imported so far that bound its name (integrations' kernels, e.g. DeepSeek-V4's);
+    later imports bind the replacement."""
+    for module in _axolotl_modules():
+        if getattr(module, "get_lora_parameters", None) is axolotl_lora_parameters:
+            module.get_lora_parameters = chain_lora_parameters
 
 
 def kernels_read_chain_adapters() -> bool:
-    return axolotl_lora.get_lora_parameters is chain_lora_parameters
+    """Whether every axolotl module that holds a get_lora_parameters holds `chain_lora_parameters`."""
+    return all(
+        getattr(module, "get_lora_parameters", chain_lora_parameters) is chain_lora_parameters
+        for module in _axolotl_modules()
+    )
+
+
+def _axolotl_modules() -> list[types.ModuleType]:
+    return [module for name, module in list(sys.modules.items()) if name.startswith("axolotl.") and module]

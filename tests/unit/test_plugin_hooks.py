@@ -5,6 +5,8 @@ read."""
 from __future__ import annotations
 
 import copy
+import sys
+import types
 
 import axolotl.kernels.lora as axolotl_lora
 import pytest
@@ -64,3 +66,15 @@ def test_kernels_reading_plain_lora_stop_the_run(axolotl_lookup):
         ChainLoraPlugin().post_model_load(cfg, model=None)
     ChainLoraPlugin().pre_model_load(cfg)
     ChainLoraPlugin().post_model_load(cfg, model=None)
+
+
+def test_integrations_that_bound_axolotls_lookup_read_chain_adapters_too(axolotl_lookup, monkeypatch):
+    # as axolotl's DeepSeek-V4 kernels do: `from axolotl.kernels.lora import get_lora_parameters`
+    integration = types.ModuleType("axolotl.integrations.bound_lookup")
+    integration.get_lora_parameters = axolotl_lora_parameters
+    monkeypatch.setitem(sys.modules, integration.__name__, integration)
+    ChainLoraPlugin().pre_model_load(DictDefault(adapter="mtlora", lora_mlp_kernel=True))
+    assert integration.get_lora_parameters is chain_lora_parameters
+    integration.get_lora_parameters = axolotl_lora_parameters  # negative control: put back by someone else
+    with pytest.raises(RuntimeError, match="they would train plain LoRA"):
+        ChainLoraPlugin().post_model_load(DictDefault(adapter="mtlora", lora_mlp_kernel=True), model=None)
