@@ -234,6 +234,9 @@ class ChainLoraPlugin(BasePlugin):
         config = _chain_config(cfg, tuner.peft_config["default"])
         tuner.unload()
         tuner.peft_config["default"] = config
+        if cfg.seed is not None:
+            # the new layers draw A afresh: from the seed, as load_adapter does, not from whatever ran before
+            set_seed(cfg.seed)
         tuner.inject_adapter(
             tuner.model, "default", autocast_adapter_dtype=cfg.peft_autocast_adapter_dtype is not False
         )

@@ -42,7 +42,14 @@ class Method:
 
     def peft_config(self, target_modules: list[str]) -> LoraConfig:
         # alpha = 2 r throughout: every method starts from the same scale s = 2
-        common = dict(r=self.rank, lora_alpha=2 * self.rank, lora_dropout=0.0, target_modules=target_modules)
+        # a causal LM, as axolotl builds it (and its kernel patcher requires)
+        common = dict(
+            r=self.rank,
+            lora_alpha=2 * self.rank,
+            lora_dropout=0.0,
+            target_modules=target_modules,
+            task_type="CAUSAL_LM",
+        )
         if self.chain_type is None:
             return LoraConfig(**common)
         dims = list(self.chain_dims) if self.chain_dims else None

@@ -28,9 +28,11 @@ ADAPTERS = {
     # beside the base, which the kernels then read stacked in front of the second
     "cola": {"adapter": "lora", "cola_links": 2, "cola_merge": "frozen"},
 }
-# the relative Frobenius difference of an adapter tensor between the two runs after 20 AdamW steps: measured at
-# most 2e-5 (median 5e-7), 6e-6 for COLA; a run without the core in its forward would train other tensors altogether
-ADAPTER_TOLERANCE = 1e-4
+# the relative Frobenius difference of an adapter tensor between the two runs after 20 AdamW steps: float32
+# rounding, which Adam turns into up to 2 lr in an element whose gradient is near zero. Measured at most 2e-5 with
+# axolotl 0.21 and 1.8e-3 with 0.19 (COLA's second link's B, 10 steps from zero), median 8e-6; the core trained
+# by one run and left out by the other would change the logged losses too
+ADAPTER_TOLERANCE = 1e-2
 
 
 @pytest.fixture(scope="module")
