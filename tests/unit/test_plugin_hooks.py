@@ -10,10 +10,12 @@ import types
 
 import axolotl.kernels.lora as axolotl_lora
 import pytest
+import torch
 from axolotl.utils.dict import DictDefault
-from helpers import tiny_llama
+from helpers import ALPHA, TARGETS, R, tiny_llama
+from peft import LoraConfig, get_peft_model
 
-from axolotl_chainlora import ChainLoraPlugin
+from axolotl_chainlora import ChainLoraConfig, ChainLoraPlugin
 from axolotl_chainlora.kernels import axolotl_lora_parameters, chain_lora_parameters
 
 
@@ -78,3 +80,21 @@ def test_integrations_that_bound_axolotls_lookup_read_chain_adapters_too(axolotl
     integration.get_lora_parameters = axolotl_lora_parameters  # negative control: put back by someone else
     with pytest.raises(RuntimeError, match="they would train plain LoRA"):
         ChainLoraPlugin().post_model_load(DictDefault(adapter="mtlora", lora_mlp_kernel=True), model=None)
+
+
+def first_link_after_cola_rebuild(seed: int | None, rng_state: int) -> dict[str, torch.Tensor]:
+    """A COLA run's LoRA rebuilt as chain layers by post_lora_load, after code that drew rng_state's numbers."""
+    torch.manual_seed(rng_state)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+    cfg = DictDefault(adapter="lora", cola_links=2, seed=seed, output_dir="unused")
+    ChainLoraPlugin().post_lora_load(cfg, model)
+    assert isinstance(model.peft_config["default"], ChainLoraConfig)
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_A" in name}
+
+
+def test_cola_rebuild_draws_the_first_link_from_the_seed():
+    first, second = first_link_after_cola_rebuild(7, rng_state=0), first_link_after_cola_rebuild(7, rng_state=1)
+    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+    # negative control: without a seed the draw follows whatever ran before
+    unseeded, unseeded_again = first_link_after_cola_rebuild(None, 0), first_link_after_cola_rebuild(None, 1)
+    assert not any(torch.equal(unseeded[name], unseeded_again[name]) for name in unseeded)
