@@ -84,8 +84,8 @@ def test_integrations_that_bound_axolotls_lookup_read_chain_adapters_too(axolotl
 
 def first_link_after_cola_rebuild(seed: int | None, rng_state: int) -> dict[str, torch.Tensor]:
     """A COLA run's LoRA rebuilt as chain layers by post_lora_load, after code that drew rng_state's numbers."""
-    torch.manual_seed(rng_state)
     model = get_peft_model(tiny_llama(), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+    torch.manual_seed(rng_state)
     cfg = DictDefault(adapter="lora", cola_links=2, seed=seed, output_dir="unused")
     ChainLoraPlugin().post_lora_load(cfg, model)
     assert isinstance(model.peft_config["default"], ChainLoraConfig)
