@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import TRAIN_STEPS, logged_losses, output_of, require_success, run_all, write_config
 from safetensors.torch import load_file
 
@@ -33,6 +34,10 @@ ADAPTERS = {
 # axolotl 0.21 and 1.8e-3 with 0.19 (COLA's second link's B, 10 steps from zero), median 8e-6; the core trained
 # by one run and left out by the other would change the logged losses too
 ADAPTER_TOLERANCE = 1e-2
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the runs would train on the GPU; tests/gpu compares the kernels there"
+)
 
 
 @pytest.fixture(scope="module")
