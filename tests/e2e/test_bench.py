@@ -129,3 +129,39 @@ def test_gpu_check_throughput_commands_walk_their_code_paths_on_a_tiny_llama(tmp
         )
         assert record["settings"]["kernels"] is bool(extra)
         assert "lora+cola-3" in record["summary"]
+
+
+STAND_IN_PYTHON = """#!/usr/bin/env bash
+case "$*" in
+  *"sys.exit(not torch.cuda.is_available())"*) exit 0 ;;
+  *get_device_name*) echo "device: STAND-IN GPU"; exit 0 ;;
+  *"-m pytest"*) echo "MEASURED stand-in figure: 1.0e-03"; exit 0 ;;
+  *"--quant 4bit"*) out=$(echo "$*" | sed 's/.*--out \\([^ ]*\\).*/\\1/')
+                    echo '{"table": "| stand-in table |"}' > "$out/throughput-llama3-8b-4bit-cuda.json"; exit 0 ;;
+  *bench/throughput.py*) echo "bf16 part failing"; exit 3 ;;
+  *json.load*) exec python3 "$@" ;;
+esac
+exit 9
+"""
+
+
+def test_gpu_check_reports_each_part_and_the_results(tmp_path):
+    """The check's own control flow, with a stand-in interpreter that claims a GPU: a failing part does not stop the
+    next, and the summary gives every outcome, the MEASURED lines and the throughput tables."""
+    python = tmp_path / "python"
+    python.write_text(STAND_IN_PYTHON)
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts/gpu_check.sh"), str(out)],
+        env={**offline_env(), "PYTHON": str(python)},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1, result.stderr
+    summary = result.stdout.split("== summary")[1]
+    assert "(device: STAND-IN GPU)" in summary
+    assert re.search(r"gpu-tests: passed in \d+s", summary) and re.search(r"throughput-4bit: passed", summary)
+    assert re.search(r"throughput-bf16: FAILED \(exit 3\)", summary)
+    assert "MEASURED stand-in figure: 1.0e-03" in summary and "| stand-in table |" in summary
+    assert (out / "throughput-bf16.log").read_text() == "bf16 part failing\n"
