@@ -57,8 +57,13 @@ def alpaca_text(record: dict[str, str]) -> str:
     return prompt + f"### Response:\n{record['output']}"
 
 
-def build_tiny_llama(out_dir: Path, texts: list[str], seed: int = 0) -> Path:
-    """Save a random tiny Llama and a byte-level BPE tokenizer trained on `texts` to `out_dir`."""
+TINY_LLAMA_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+
+
+def build_tiny_llama(out_dir: Path, texts: list[str], seed: int = 0, **shape) -> Path:
+    """Save a random tiny Llama (TINY_LLAMA_SHAPE, or `shape`'s LlamaConfig fields instead) and a byte-level BPE
+    tokenizer trained on `texts` to `out_dir`."""
     special = ["<unk>", "<s>", "</s>", "<pad>"]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -75,12 +80,7 @@ def build_tiny_llama(out_dir: Path, texts: list[str], seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        **{**TINY_LLAMA_SHAPE, **shape},
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,

@@ -220,16 +220,19 @@ def run_all(workspace: Path, jobs: dict[str, list[str]], at_once: int = 2) -> di
         return {name: future.result() for name, future in futures.items()}
 
 
-def load_base(workspace: Path, quantized: bool = False):
-    """The workspace's base model in float32, or quantized as a 4-bit run trains on it."""
-    kwargs = {}
-    if quantized:
-        # written here, not taken from the plugin: NF4 with double quant, float32 compute
+def load_base(workspace: Path, quantized: bool | str = False, dtype=torch.float32, device: str = "cpu"):
+    """The workspace's base model in `dtype`, or quantized as a run trains on it: 4-bit (True or "4bit": NF4 with
+    double quant, computing in `dtype`) or "8bit" (LLM.int8)."""
+    kwargs = {"device_map": {"": device}} if device != "cpu" else {}
+    if quantized in (True, "4bit"):
+        # written here, not taken from the plugin
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-            bnb_4bit_quant_storage=torch.float32,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,
         )
-    return AutoModelForCausalLM.from_pretrained(workspace / "base", dtype=torch.float32, **kwargs).eval()
+    elif quantized == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    return AutoModelForCausalLM.from_pretrained(workspace / "base", dtype=dtype, **kwargs).eval()

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import yaml
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from axolotl_chainlora.demo import prepare_demo
+from axolotl_chainlora.demo import alpaca_text, build_tiny_llama, demo_records, prepare_demo
 
 # every run of the suite: bf16, SDPA, sample packing, gradient checkpointing (write_config adds 20 steps)
 GPU_YAML = {
@@ -27,21 +25,9 @@ def gpu_workspace(tmp_path_factory):
     flash attention wants), random weights; config.yml asks for GPU_YAML."""
     path = tmp_path_factory.mktemp("gpu")
     prepare_demo(path)
-    tokenizer = AutoTokenizer.from_pretrained(path / "base")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path / "base")
+    texts = [alpaca_text(record) for record in demo_records()]
+    build_tiny_llama(path / "base", texts, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)  # fmt: skip
     cfg = yaml.safe_load((path / "config.yml").read_text())
     cfg.update(GPU_YAML)
     (path / "config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -17,10 +17,10 @@ import shutil
 import bitsandbytes as bnb
 import pytest
 import torch
-from helpers import logged_losses, output_of, require_success, run_all, write_config
+from helpers import load_base, logged_losses, output_of, require_success, run_all, write_config
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import axolotl_chainlora  # noqa: F401  registers LORA_CHAIN with PEFT
 from axolotl_chainlora.demo import alpaca_text, demo_records
@@ -78,23 +78,9 @@ def measured(what: str, value: float) -> None:
     print(f"MEASURED {what}: {value:.3e}")
 
 
-def load_base(workspace, quantized: str | None):
-    """The workspace's base on the GPU: bf16, or quantized as axolotl's qlora / 8-bit loads it."""
-    kwargs = {}
-    if quantized == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_quant_storage=torch.bfloat16,
-        )
-    elif quantized == "8bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    base = AutoModelForCausalLM.from_pretrained(
-        workspace / "base", dtype=torch.bfloat16, device_map={"": "cuda"}, **kwargs
-    )
-    return base.eval()
+def gpu_base(workspace, quantized: str | None):
+    """The workspace's base on the GPU in bf16, or quantized as axolotl's qlora / 8-bit loads it."""
+    return load_base(workspace, quantized, dtype=torch.bfloat16, device="cuda")
 
 
 @torch.no_grad()
@@ -139,7 +125,7 @@ def test_quantized_runs_trained_on_bitsandbytes_layers_on_the_gpu(gpu_workspace,
     trained_run(trained, name)
     quantization = json.loads((gpu_workspace / f"out-{name}" / "config.json").read_text())["quantization_config"]
     assert quantization["load_in_4bit" if QUANTIZED[name] == "4bit" else "load_in_8bit"] is True
-    model = PeftModel.from_pretrained(load_base(gpu_workspace, QUANTIZED[name]), gpu_workspace / f"out-{name}")
+    model = PeftModel.from_pretrained(gpu_base(gpu_workspace, QUANTIZED[name]), gpu_workspace / f"out-{name}")
     layers = [module for module in model.modules() if isinstance(module, ChainLoraLayer)]
     wanted = bnb.nn.Linear4bit if QUANTIZED[name] == "4bit" else bnb.nn.Linear8bitLt
     assert layers and all(isinstance(layer.get_base_layer(), wanted) for layer in layers)
@@ -165,10 +151,10 @@ def test_reload_and_plain_lora_fold_give_the_adapters_logits(gpu_workspace, trai
         pytest.skip("deepspeed does not import here")
     trained_run(trained, name)
     out = gpu_workspace / f"out-{name}"
-    chain = PeftModel.from_pretrained(load_base(gpu_workspace, QUANTIZED[name]), out)
+    chain = PeftModel.from_pretrained(gpu_base(gpu_workspace, QUANTIZED[name]), out)
     first, again = logits(chain, gpu_workspace), logits(chain, gpu_workspace)
     assert torch.equal(first, again)
-    fold = PeftModel.from_pretrained(load_base(gpu_workspace, QUANTIZED[name]), out / "plain_lora")
+    fold = PeftModel.from_pretrained(gpu_base(gpu_workspace, QUANTIZED[name]), out / "plain_lora")
     diff = (logits(fold, gpu_workspace) - first).abs().max().item()
     measured(f"{name}: plain-LoRA fold vs chain adapter, logits max abs", diff)
     assert diff < LOGIT_TOLERANCE
@@ -190,7 +176,7 @@ def test_merge_lora_gives_the_adapters_logits(gpu_workspace, merges, name):
     merged_dir = gpu_workspace / f"out-{name}" / "merged"
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16, device_map={"": "cuda"}).eval()
     # merge-lora loads the base unquantized: compare with the adapter on the bf16 base
-    chain = PeftModel.from_pretrained(load_base(gpu_workspace, None), gpu_workspace / f"out-{name}")
+    chain = PeftModel.from_pretrained(gpu_base(gpu_workspace, None), gpu_workspace / f"out-{name}")
     diff = (logits(merged, gpu_workspace) - logits(chain, gpu_workspace)).abs().max().item()
     measured(f"{name}: merge-lora vs adapter on the bf16 base, logits max abs", diff)
     assert diff < LOGIT_TOLERANCE
