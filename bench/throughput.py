@@ -211,7 +211,8 @@ def measure(base, method: Method, preset: dict, batch: torch.Tensor, memory: Pea
 
 
 def with_overrides(preset: dict, overrides: list[str]) -> dict:
-    """The preset with KEY=VALUE settings replaced (integers; a key of the model shape or of the preset)."""
+    """The preset with KEY=VALUE settings replaced (a key of the model shape or of the preset; VALUE takes the
+    setting's type)."""
     preset = {**preset, "shape": dict(preset["shape"])}
     for override in overrides:
         key, _, value = override.partition("=")
