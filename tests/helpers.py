@@ -6,6 +6,7 @@ Fixtures are in the conftest.py files; this module holds plain functions and con
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -13,8 +14,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import axolotl.kernels.lora as axolotl_lora
+import pytest
 import torch
+import torch.nn.functional as F
 import yaml
+from axolotl.monkeypatch.lora_kernels import apply_lora_kernel_patches, patch_self_attn_lora
+from axolotl.utils.dict import DictDefault
 from peft import PeftModel, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
@@ -24,6 +30,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+from transformers.models.llama.modeling_llama import LlamaAttention
 
 from axolotl_chainlora import ChainLoraConfig
 from axolotl_chainlora.demo import OFFLINE_ENV, run_axolotl
@@ -40,6 +47,9 @@ R, ALPHA = 4, 8
 SCALE = ALPHA / R
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 LINCHAIN_DIMS = [R, 2 * R, R]  # a wider middle factor: LinChain's default is three r x r factors
+# the kernel tests adapt every projection of a Llama layer, with axolotl's three projection kernels on
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+KERNELS = {"lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}
 TRAIN_STEPS = 20  # the `axolotl train` runs of tests/e2e
 
 
@@ -160,6 +170,53 @@ def logits_of(model, inputs: torch.Tensor | dict[str, torch.Tensor], dtype=torch
     """The model's logits, as `dtype`, for a batch of token ids or a tokenizer's output (ids and attention mask)."""
     inputs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
     return model(**inputs).logits.to(dtype)
+
+
+# ---------------------------------------------------------------- axolotl's LoRA kernels in process
+
+
+@contextlib.contextmanager
+def llama_attention_patched_by_axolotl(base_model_dir: str):
+    """axolotl's rewrite of LlamaAttention.forward for its qkv/o kernels (patch_self_attn_lora, process-wide),
+    taken back when the block ends; axolotl's get_lora_parameters is put back too."""
+    original_forward = LlamaAttention.forward
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(axolotl_lora, "get_lora_parameters", axolotl_lora.get_lora_parameters)
+            patch_self_attn_lora(DictDefault(base_model=base_model_dir, model_config_type="llama", **KERNELS))
+            yield patch
+    finally:
+        LlamaAttention.forward = original_forward
+        if "_original_forward" in LlamaAttention.__dict__:  # axolotl's mark that the class is patched
+            del LlamaAttention._original_forward
+
+
+def measured(what: str, value: float) -> None:
+    """A figure the GPU suite measured, on a line scripts/gpu_check.sh collects into its summary."""
+    print(f"MEASURED {what}: {value:.3e}")
+
+
+def with_kernels(model, kernels: bool):
+    """axolotl's patcher on the model: the fused kernels, or (kernels=False) the unfused fallbacks it installs."""
+    return apply_lora_kernel_patches(model, DictDefault(model_config_type="llama", **(KERNELS if kernels else {})))
+
+
+def loss_and_gradients(model, input_ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor | None]]:
+    """Next-token loss in float64 (from the model's logits) and the gradients of the trainable tensors."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=input_ids).logits.double()
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+    loss.backward()
+    return loss.item(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def relative_errors(gradients: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per tensor, the relative Frobenius error of `gradients` against `reference`, in float64."""
+    return {
+        name: (grad.double() - reference[name].double()).norm().item() / reference[name].double().norm().item()
+        for name, grad in gradients.items()
+    }
 
 
 # ---------------------------------------------------------------- subprocesses

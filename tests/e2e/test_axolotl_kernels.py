@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TRAIN_STEPS, logged_losses, output_of, require_success, run_all, write_config
+from helpers import KERNELS, TRAIN_STEPS, logged_losses, output_of, require_success, run_all, write_config
 from safetensors.torch import load_file
 
 from axolotl_chainlora.export import ADAPTER_WEIGHTS
 
 SHIM = Path(__file__).parent / "cpu_kernels"
-KERNELS = {"lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}
 # run name -> the YAML, trained with the kernels and without ("<name>-unfused")
 ADAPTERS = {
     "linchain": {"adapter": "linchain", "linchain_dims": [8, 16, 8]},

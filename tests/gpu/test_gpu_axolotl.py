@@ -17,7 +17,7 @@ import shutil
 import bitsandbytes as bnb
 import pytest
 import torch
-from helpers import load_base, logged_losses, output_of, require_success, run_all, write_config
+from helpers import KERNELS, load_base, logged_losses, measured, output_of, require_success, run_all, write_config
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -29,7 +29,7 @@ from axolotl_chainlora.layer import ChainLoraLayer
 
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-KERNELS_OFF = dict.fromkeys(("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"), False)
+KERNELS_OFF = dict.fromkeys(KERNELS, False)
 ZERO = {
     "zero_optimization": {"stage": None, "stage3_gather_16bit_weights_on_model_save": True},
     "bf16": {"enabled": "auto"},
@@ -72,10 +72,6 @@ QUANTIZED = {name: ("4bit" if changes.get("load_in_4bit") else "8bit" if changes
 # bf16 logits (max abs of about 10): a few units in the last place of bf16
 LOGIT_TOLERANCE = 0.15
 requires_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed does not import here")
-
-
-def measured(what: str, value: float) -> None:
-    print(f"MEASURED {what}: {value:.3e}")
 
 
 def gpu_base(workspace, quantized: str | None):

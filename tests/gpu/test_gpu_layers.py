@@ -10,52 +10,34 @@ from __future__ import annotations
 import copy
 import time
 
-import axolotl.kernels.lora as axolotl_lora
 import pytest
 import torch
-import torch.nn.functional as F
-from axolotl.monkeypatch.lora_kernels import apply_lora_kernel_patches, patch_self_attn_lora
-from axolotl.utils.dict import DictDefault
-from helpers import chain_layers, chain_model, make_input_ids, randomize_adapters
+from helpers import (
+    PROJECTIONS,
+    chain_layers,
+    chain_model,
+    llama_attention_patched_by_axolotl,
+    loss_and_gradients,
+    make_input_ids,
+    measured,
+    randomize_adapters,
+    relative_errors,
+    with_kernels,
+)
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-from transformers.models.llama.modeling_llama import LlamaAttention
 
 from axolotl_chainlora.kernels import use_chain_lora_parameters
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-KERNELS = {"lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}
 # float32 on CUDA: as the CPU suite's bound (no TF32 for matmuls: torch's default)
 FLOAT32_TOLERANCE = 2e-4
 BF16_TOLERANCE = 5e-2
 
 
-def measured(what: str, value: float) -> None:
-    print(f"MEASURED {what}: {value:.3e}")
-
-
 @pytest.fixture(scope="module")
 def axolotl_kernels(tiny_llama_dir):
-    original_forward = LlamaAttention.forward
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(axolotl_lora, "get_lora_parameters", axolotl_lora.get_lora_parameters)
-        patch_self_attn_lora(DictDefault(base_model=tiny_llama_dir, model_config_type="llama", **KERNELS))
+    with llama_attention_patched_by_axolotl(tiny_llama_dir):
         use_chain_lora_parameters()
         yield
-    LlamaAttention.forward = original_forward
-    del LlamaAttention._original_forward
-
-
-def loss_and_gradients(model, input_ids, kernels: bool):
-    apply_lora_kernel_patches(model, DictDefault(model_config_type="llama", **(KERNELS if kernels else {})))
-    model.train()
-    logits = model(input_ids=input_ids).logits.double()
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
-    loss.backward()
-    return loss.item(), {name: p.grad.double() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def worst_relative_error(gradients, reference) -> float:
-    return max(((gradients[n] - reference[n]).norm() / reference[n].norm()).item() for n in reference)
 
 
 @pytest.mark.parametrize("chain_type", ["linchain", "moslora", "mtlora_icfm", "mtlora_dtsm", "lora"])
@@ -68,9 +50,9 @@ def test_kernels_on_cuda_train_as_the_unfused_layers(axolotl_kernels, chain_type
         randomize_adapters(model, seed=4)
     input_ids = make_input_ids().cuda()
     reference = copy.deepcopy(model).to(torch.float64 if dtype == torch.float32 else dtype)
-    reference_loss, reference_gradients = loss_and_gradients(reference, input_ids, kernels=False)
-    loss, gradients = loss_and_gradients(model.to(dtype), input_ids, kernels=True)
-    error = worst_relative_error(gradients, reference_gradients)
+    reference_loss, reference_gradients = loss_and_gradients(with_kernels(reference, kernels=False), input_ids)
+    loss, gradients = loss_and_gradients(with_kernels(model.to(dtype), kernels=True), input_ids)
+    error = max(relative_errors(gradients, reference_gradients).values())
     measured(f"kernels on CUDA, {chain_type} {dtype}: worst gradient error", error)
     measured(f"kernels on CUDA, {chain_type} {dtype}: loss error", abs(loss - reference_loss) / reference_loss)
     assert error < (FLOAT32_TOLERANCE if dtype == torch.float32 else BF16_TOLERANCE)

@@ -4,7 +4,8 @@ Through axolotl's real patchers (`patch_self_attn_lora`, `apply_lora_kernel_patc
 every projection adapted, the kernel path and PEFT's path are each compared with a float64 computation of
 the same model (the same effective weights: a 4-bit base's are its dequantized ones). On the CPU, Triton's
 interpreter runs axolotl's SwiGLU kernel (tests/conftest.py sets TRITON_INTERPRET=1 before Triton loads);
-the only stand-in is the output allocation of `swiglu_forward`, which axolotl makes on device="cuda".
+the only stand-in is the output allocation of `swiglu_forward`, which axolotl makes on device="cuda"
+(tests/e2e/cpu_kernels/cpu_swiglu.py).
 """
 
 from __future__ import annotations
@@ -15,21 +16,26 @@ import axolotl.kernels.lora as axolotl_lora
 import axolotl.kernels.swiglu as axolotl_swiglu
 import pytest
 import torch
-import torch.nn.functional as F
-import triton
-from axolotl.monkeypatch.lora_kernels import apply_lora_kernel_patches, patch_self_attn_lora
-from axolotl.utils.dict import DictDefault
 from bitsandbytes.functional import dequantize_4bit
-from helpers import LINCHAIN_DIMS, chain_layers, chain_model, randomize_adapters, tiny_llama
+from cpu_swiglu import swiglu_forward_on_input_device
+from helpers import (
+    LINCHAIN_DIMS,
+    PROJECTIONS,
+    chain_layers,
+    chain_model,
+    llama_attention_patched_by_axolotl,
+    loss_and_gradients,
+    randomize_adapters,
+    relative_errors,
+    tiny_llama,
+    with_kernels,
+)
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-from transformers.models.llama.modeling_llama import LlamaAttention
 
 from axolotl_chainlora.kernels import axolotl_lora_parameters, chain_lora_parameters, use_chain_lora_parameters
 from axolotl_chainlora.layer import ChainLoraLayer
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-KERNELS = {"lora_mlp_kernel": True, "lora_qkv_kernel": True, "lora_o_kernel": True}
 # the relative Frobenius error of a gradient against float64; measured at most 2.6e-5 for the kernels and 4.8e-5
 # for PEFT's own float32 path (random adapter tensors of std 0.3, so the rounding is not small); a gradient that
 # misses the core or a tied link is off by O(1)
@@ -39,15 +45,6 @@ LOSS_TOLERANCE = 1e-6  # relative; measured at most 1e-8 for both paths
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="runs Triton's interpreter, which tests/conftest.py turns on only without CUDA"
 )
-
-
-def swiglu_forward_on_input_device(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """axolotl's swiglu_forward, allocating its output where the input is instead of on "cuda"."""
-    out = torch.empty_like(gate)
-    n_elements = gate.numel()
-    grid = (triton.cdiv(n_elements, 1024),)
-    axolotl_swiglu._swiglu_fwd_kernel[grid](gate, up, out, n_elements, block_size=1024)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -64,42 +61,14 @@ def axolotl_kernels(tiny_llama_dir):
         state["chain"] += isinstance(proj, ChainLoraLayer)
         return state["lookup"](proj)
 
-    original_forward = LlamaAttention.forward
-    with pytest.MonkeyPatch.context() as patch:
+    with llama_attention_patched_by_axolotl(tiny_llama_dir) as patch:
         patch.setattr(axolotl_swiglu, "swiglu_forward", swiglu)
         # axolotl 0.19 binds the name in its lora module at import
         patch.setattr(axolotl_lora, "swiglu_forward", swiglu, raising=False)
-        patch.setattr(axolotl_lora, "get_lora_parameters", axolotl_lora.get_lora_parameters)
-        patch_self_attn_lora(DictDefault(base_model=tiny_llama_dir, model_config_type="llama", **KERNELS))
         use_chain_lora_parameters()
         assert axolotl_lora.get_lora_parameters is chain_lora_parameters
         patch.setattr(axolotl_lora, "get_lora_parameters", lora_parameters)
         yield state
-    LlamaAttention.forward = original_forward
-    del LlamaAttention._original_forward
-
-
-def with_kernels(model, kernels: bool):
-    """axolotl's patcher on the model: the fused kernels, or (kernels=False) the unfused fallbacks it installs."""
-    cfg = DictDefault(model_config_type="llama", **(KERNELS if kernels else {}))
-    return apply_lora_kernel_patches(model, cfg)
-
-
-def loss_and_gradients(model, input_ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
-    """Next-token loss in float64 (from the model's logits) and the gradients of the trainable tensors."""
-    model.train()
-    model.zero_grad(set_to_none=True)
-    logits = model(input_ids=input_ids).logits.double()
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
-    loss.backward()
-    return loss.item(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
-
-
-def relative_errors(gradients, reference) -> dict[str, float]:
-    return {
-        name: (grad.double() - reference[name]).norm().item() / reference[name].norm().item()
-        for name, grad in gradients.items()
-    }
 
 
 def fused_loss_and_gradients(model, input_ids, state):

@@ -3,8 +3,7 @@
 That test puts this folder on PYTHONPATH, so every Python process of those runs imports this module at
 start-up. Triton's interpreter (TRITON_INTERPRET, set before Triton loads) runs axolotl's Triton SwiGLU
 kernel on CPU tensors; axolotl's `swiglu_forward` allocates its output on "cuda", so it is replaced, as
-soon as `axolotl.kernels.swiglu` is imported, by one that allocates where its input is and launches
-axolotl's own kernel.
+soon as `axolotl.kernels.swiglu` is imported, by cpu_swiglu's.
 
 The negative control: a config named stock-lookup*.yml gets axolotl's own `get_lora_parameters` back
 just before axolotl patches its kernels in, as another integration replacing it would.
@@ -20,16 +19,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _allocate_on_input_device(swiglu) -> None:
-    import torch
-    import triton
+    from cpu_swiglu import swiglu_forward_on_input_device  # beside this module: imports axolotl, so not at start-up
 
-    def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(gate)
-        n_elements = gate.numel()
-        swiglu._swiglu_fwd_kernel[(triton.cdiv(n_elements, 1024),)](gate, up, out, n_elements, block_size=1024)
-        return out
-
-    swiglu.swiglu_forward = swiglu_forward
+    swiglu.swiglu_forward = swiglu_forward_on_input_device
 
 
 def _stock_lookup_before_patching(lora_kernels) -> None:
