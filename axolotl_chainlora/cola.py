@@ -30,10 +30,16 @@ from transformers import TrainerCallback
 
 from .bnb import Linear4bit, Linear8bitLt
 from .config import ChainLoraConfig
+from .engines import DeepSpeedEngine, engine_of
 from .layer import ChainLoraLayer
 from .log import LOG
 
 COLA_MERGE_MODES = ("auto", "base", "frozen")
+# DeepSpeed steps its optimizer and LR scheduler inside the backward pass, before any callback could scale the LR
+LINK_WARMUP_UNDER_DEEPSPEED = (
+    "cola_link_warmup_steps cannot act under DeepSpeed, which steps the optimizer and its LR scheduler inside the "
+    "backward pass: remove cola_link_warmup_steps, or train without deepspeed (DDP or FSDP2)."
+)
 
 
 @dataclass(frozen=True)
@@ -221,10 +227,19 @@ class ColaCallback(TrainerCallback):
                 f"{done} links, but the adapter holds {tied}: resume with the cola_* keys of the run that wrote "
                 "the checkpoint, and start a new COLA run from an adapter without tied links."
             )
+        engine = engine_of([p for layer in layers.values() for p in link_parameters(layer, self.adapter_name)])
+        if self.schedule.link_warmup_steps and isinstance(engine, DeepSpeedEngine):
+            raise ValueError(LINK_WARMUP_UNDER_DEEPSPEED)
+        if self.schedule.ranks and done:
+            # a resumed run after a rank step-down: the link loaded zero-padded (layer.py) at the schedule's rank
+            config.r = self.schedule.ranks[done]
+            for layer in layers.values():
+                layer.set_link_rank(self.adapter_name, config.r)
         if self.into_base:
             # a resumed run: the checkpoint's tied links go back into the base, as the knots put them
             for layer in layers.values():
-                layer.add_tied_to_base(self.adapter_name)
+                with engine.full(layer, [layer.get_base_layer().weight]):
+                    layer.add_tied_to_base(self.adapter_name)
         LOG.info(
             "COLA: %d links, knots after steps %s, tied links %s",
             self.schedule.links,
@@ -272,60 +287,31 @@ class ColaCallback(TrainerCallback):
         # knot k (1 for the first) ties link k and starts link k + 1, whose rank is ranks[k] (0-based)
         knot = len(tied_ranks) + 1
         new_rank = self.schedule.ranks[knot] if self.schedule.ranks else None
-        old_params = [p for layer in layers.values() for p in _link_parameters(layer, self.adapter_name)]
+        params = [p for layer in layers.values() for p in link_parameters(layer, self.adapter_name)]
+        engine = engine_of(params)
         squared_norm = 0.0
+        # one layer at a time, in the same order on every rank: FSDP2 and ZeRO-3 gather collectively
         for name, layer in layers.items():
-            squared_norm += layer.tie_link(self.adapter_name, self.into_base)
-            rank = new_rank or layer.r[self.adapter_name]
-            layer.start_new_link(self.adapter_name, config, rank, knot_generator(seed, knot, name))
+            with engine.full(layer, self._rewritten_parameters(layer)):
+                squared_norm += layer.tie_link(self.adapter_name, self.into_base)
+                rank = new_rank or layer.r[self.adapter_name]
+                layer.start_new_link(self.adapter_name, config, rank, knot_generator(seed, knot, name))
+        engine.write_master(params)
+        if optimizer is not None and self.schedule.reset_optimizer:
+            engine.reset_state(optimizer, params)
         config.cola_tied_ranks = [*tied_ranks, config.r]
         config.r = new_rank or config.r
-        new_params = [p for layer in layers.values() for p in _link_parameters(layer, self.adapter_name)]
-        if optimizer is not None:
-            replace_parameters(optimizer, old_params, new_params)
-            if self.schedule.reset_optimizer:
-                reset_state(optimizer, new_params)
         event = {"cola/link": knot, "cola/knot_step": step, "cola/tied_update_norm": squared_norm**0.5}
         LOG.info("COLA knot after step %d: link %d tied (update norm %.4g), link %d started at rank %d",
                  step, knot, event["cola/tied_update_norm"], knot + 1, config.r)  # fmt: skip
         return event
 
+    def _rewritten_parameters(self, layer: ChainLoraLayer) -> list[torch.nn.Parameter]:
+        """What a knot rewrites in a layer: the link, and the base weight when the link is tied into it."""
+        base = [layer.get_base_layer().weight] if self.into_base else []
+        return link_parameters(layer, self.adapter_name) + base
 
-def _link_parameters(layer: ChainLoraLayer, adapter: str) -> list[torch.nn.Parameter]:
+
+def link_parameters(layer: ChainLoraLayer, adapter: str) -> list[torch.nn.Parameter]:
+    """The current link's trainable parameters: A, B and the core's factors."""
     return [p for name in ("lora_A", "lora_B", "lora_core") for p in getattr(layer, name)[adapter].parameters()]
-
-
-def _inner(optimizer) -> torch.optim.Optimizer:
-    # accelerate's AcceleratedOptimizer wraps the optimizer that holds the state
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def replace_parameters(optimizer, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
-    """Point the optimizer's param groups at a link's new tensors (a new rank) and drop the old ones' state."""
-    optimizer = _inner(optimizer)
-    replacement = {id(o): n for o, n in zip(old, new) if o is not n}
-    if not replacement:
-        return
-    for group in optimizer.param_groups:
-        group["params"] = [replacement.get(id(p), p) for p in group["params"]]
-    for param in old:
-        optimizer.state.pop(param, None)
-
-
-def reset_state(optimizer, params: list[torch.Tensor]) -> None:
-    """Give `params` the state a fresh optimizer of the same kind has before its first step.
-
-    Most optimizers (torch's Adam/AdamW/SGD, bitsandbytes' 8-bit and paged ones) create their state
-    lazily when it is empty: the entry is dropped, never masked (bitsandbytes' 8-bit state holds codes
-    whose zero is not a zero value). torch's Adagrad creates it in its constructor, so it gets that.
-    """
-    optimizer = _inner(optimizer)
-    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    for param in params:
-        optimizer.state.pop(param, None)
-        if isinstance(optimizer, torch.optim.Adagrad) and id(param) in group_of:
-            group = group_of[id(param)]
-            fresh = torch.optim.Adagrad(
-                [param], initial_accumulator_value=group["initial_accumulator_value"], fused=group["fused"]
-            )
-            optimizer.state[param] = fresh.state[param]

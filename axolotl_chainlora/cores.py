@@ -69,6 +69,26 @@ def draw_into(tensor: torch.Tensor, init_fn, generator: torch.Generator | None =
     tensor.copy_(draw)
 
 
+@torch.no_grad()
+def draw_factors(chain_type: str, factors: list[torch.Tensor], init: str, generator: torch.Generator | None = None):
+    """Draw a core's factors in place, in order: `chain_init`'s draw (a CPU `generator` makes it the same on every
+    data-parallel rank)."""
+    if init not in CHAIN_INITS:
+        raise ValueError(f"chain_init={init!r} is not one of {CHAIN_INITS}.")
+    for index, factor in enumerate(factors):
+        if init == "kaiming":
+            # the papers' default, the same draw as nn.Linear and LoRA's A
+            draw_into(factor, functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)), generator)
+        elif chain_type == "mtlora_dtsm" and index == 1:
+            # DTSM keeps D = 0 so that C + D = C
+            factor.zero_()
+        elif init == "identity":
+            # T = I, so training starts as exact LoRA
+            nn.init.eye_(factor)
+        else:
+            draw_into(factor, nn.init.orthogonal_, generator)
+
+
 class ChainCore(nn.Module):
     """T for one adapter of one layer, applied to the r-dim activations between A and B.
 
@@ -93,20 +113,7 @@ class ChainCore(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, init: str, generator: torch.Generator | None = None) -> None:
         """Draw the factors; `generator` (a CPU one) makes the draw the same on every data-parallel rank."""
-        if init not in CHAIN_INITS:
-            raise ValueError(f"chain_init={init!r} is not one of {CHAIN_INITS}.")
-        for index, factor in enumerate(self.factors()):
-            if init == "kaiming":
-                # the papers' default, the same draw as nn.Linear and LoRA's A
-                draw_into(factor, functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)), generator)
-            elif self.chain_type == "mtlora_dtsm" and index == 1:
-                # DTSM keeps D = 0 so that C + D = C
-                factor.zero_()
-            elif init == "identity":
-                # T = I, so training starts as exact LoRA
-                nn.init.eye_(factor)
-            else:
-                draw_into(factor, nn.init.orthogonal_, generator)
+        draw_factors(self.chain_type, self.factors(), init, generator)
 
     def times(self, A: torch.Tensor) -> torch.Tensor:
         """T @ A, in A's dtype."""

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from .config import ChainLoraConfig
 from .cores import ChainCore
 from .layer import link_factors
+from .registration import trim_padded_links
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -64,7 +65,11 @@ def fold_to_lora(
     """
     if isinstance(model_or_adapter_dir, PeftModel):
         config = model_or_adapter_dir.peft_config[adapter_name]
-        tensors = get_peft_model_state_dict(model_or_adapter_dir, adapter_name=adapter_name)
+        tensors = trim_padded_links(
+            model_or_adapter_dir,
+            get_peft_model_state_dict(model_or_adapter_dir, adapter_name=adapter_name),
+            adapter_name,
+        )
         _require_chain_adapter(config, f"adapter '{adapter_name}' of the model")
     else:
         config, tensors = read_adapter(Path(model_or_adapter_dir))

@@ -21,7 +21,7 @@ from peft.tuners.lora.layer import LoraVariant
 from peft.utils.other import transpose
 from torch import nn
 
-from .cores import ChainCore, draw_into
+from .cores import ChainCore, core_shapes, draw_factors, draw_into
 
 if TYPE_CHECKING:
     from .config import ChainLoraConfig
@@ -94,7 +94,8 @@ class TiedFactor(nn.Module):
         self.register_buffer("weight", weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        # buffers are not cast by DeepSpeed's bf16 or FSDP2's mixed precision
+        return F.linear(x, self.weight.to(x.dtype))
 
 
 def link_factors(
@@ -104,6 +105,14 @@ def link_factors(
     A' = T A, B' = s B (s blockdiag(B_1..B_k) for a fused projection)."""
     B = torch.block_diag(*B.split(split_sizes, dim=0)) if split_sizes else B
     return B.to(A.dtype) * scaling, core.times(A)
+
+
+def draw_A(A: torch.Tensor, r: int, init_lora_weights, generator: torch.Generator | None = None) -> None:
+    """The draw PEFT's reset_lora_parameters makes for a rank-r A."""
+    if init_lora_weights == "gaussian":
+        draw_into(A, functools.partial(nn.init.normal_, std=1 / r), generator)
+    else:
+        draw_into(A, functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)), generator)
 
 
 class ChainLoraLayer:
@@ -142,9 +151,9 @@ class ChainLoraLayer:
 
     def _build_link(self, adapter_name: str, config: ChainLoraConfig, r: int, split_sizes: list[int] | None) -> None:
         """The core; and A and B where PEFT's own do not fit: a fused projection gives each of its k output
-        slices its own rank-r B, sharing one k*r-dim A; a new rank (COLA's rank step-down) needs new ones."""
+        slices its own rank-r B, sharing one k*r-dim A."""
         core_r = r * len(split_sizes) if split_sizes else r
-        if split_sizes or r != self.r[adapter_name]:
+        if split_sizes:
             self.lora_A[adapter_name] = nn.Linear(self.in_features, core_r, bias=False)
             self.lora_B[adapter_name] = (
                 FusedLoraB(r, split_sizes) if split_sizes else nn.Linear(r, self.out_features, bias=False)
@@ -153,25 +162,67 @@ class ChainLoraLayer:
         self.lora_core[adapter_name] = ChainCore(config.chain_type, core_r, config.chain_dims, config.chain_init)
 
     @torch.no_grad()
-    def _draw_link(self, adapter_name: str, init_lora_weights, generator: torch.Generator | None = None) -> None:
+    def _draw_link(self, adapter_name: str, init_lora_weights) -> None:
         """The draws PEFT's reset_lora_parameters makes for A and B."""
-        r = self.r[adapter_name]
-        if init_lora_weights == "gaussian":
-            draw_A = functools.partial(nn.init.normal_, std=1 / r)
-        else:
-            draw_A = functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5))
-        draw_into(self.lora_A[adapter_name].weight, draw_A, generator)
+        draw_A(self.lora_A[adapter_name].weight, self.r[adapter_name], init_lora_weights)
         if init_lora_weights:
             self.lora_B[adapter_name].weight.zero_()
         else:
             draw_into(self.lora_B[adapter_name].weight, functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)))
 
     def link_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The current link's update as (B', A'), B' A' = s B T A, in float32."""
+        """The current link's update as (B', A'), B' A' = s B T A, in float32, at the link's own rank."""
         lora_B = self.lora_B[adapter]
         split_sizes = lora_B.split_sizes if isinstance(lora_B, FusedLoraB) else None
         A = self.lora_A[adapter].weight.float()
-        return link_factors(self.lora_core[adapter], A, lora_B.weight, self.scaling[adapter], split_sizes)
+        B, A = link_factors(self.lora_core[adapter], A, lora_B.weight, self.scaling[adapter], split_sizes)
+        positions = self.link_positions(adapter)
+        return (B, A) if positions is None else (B[:, positions], A[positions])
+
+    # ---- COLA's rank step-down: a link of rank r zero-padded in tensors of the first link's rank
+
+    def storage_rank(self, adapter: str) -> int:
+        """The rank the link's tensors have (read from the modules: a ZeRO-3 parameter has no shape)."""
+        lora_B = self.lora_B[adapter]
+        return lora_B.r if isinstance(lora_B, FusedLoraB) else lora_B.in_features
+
+    def link_positions(self, adapter: str, r: int | None = None) -> torch.Tensor | None:
+        """Where a link of rank r (default the current link's) sits among the k*R rows of A and of the core:
+        the first r of each fused slice's R. None when it fills them."""
+        lora_B = self.lora_B[adapter]
+        slices = len(lora_B.split_sizes) if isinstance(lora_B, FusedLoraB) else 1
+        r, storage = r or self.r[adapter], self.storage_rank(adapter)
+        if r == storage:
+            return None
+        return torch.cat([torch.arange(r) + index * storage for index in range(slices)])
+
+    def trim_link_tensor(self, adapter: str, layer_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A link tensor as a link of its own rank has it: the padding cut away (A's rows, B's columns, the
+        core's rows and columns); tied factors and unpadded links as they are."""
+        positions = self.link_positions(adapter)
+        if positions is None or layer_name not in ("lora_A", "lora_B", "lora_core"):
+            return tensor
+        if layer_name == "lora_A":
+            return tensor[positions]
+        if layer_name == "lora_B":
+            return tensor[:, : self.r[adapter]]
+        return tensor[positions][:, positions]
+
+    def pad_link_tensor(self, adapter: str, layer_name: str, tensor: torch.Tensor, r: int) -> torch.Tensor:
+        """A rank-r link tensor embedded in this layer's tensors, zero elsewhere (the inverse of trimming)."""
+        positions = self.link_positions(adapter, r)
+        rows = len(positions)
+        storage = self.storage_rank(adapter) * rows // r
+        if layer_name == "lora_A":
+            padded = tensor.new_zeros(storage, tensor.shape[1])
+            padded[positions] = tensor
+        elif layer_name == "lora_B":
+            padded = tensor.new_zeros(tensor.shape[0], self.storage_rank(adapter))
+            padded[:, :r] = tensor
+        else:
+            padded = tensor.new_zeros(storage, storage)
+            padded[positions.unsqueeze(1), positions] = tensor
+        return padded
 
     def kernel_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The adapter as one plain LoRA (A', B', s), for kernels that compute s * B' A' dropout(x).
@@ -226,12 +277,13 @@ class ChainLoraLayer:
         dtype = self.lora_A[adapter].weight.dtype
         # copies: A' = A itself when there is no core, and the new link is drawn into A in place
         A, B = A.to(dtype, copy=True), B.to(dtype, copy=True)
+        rows = 0
         if adapter in self.lora_tied_A:
+            rows = self.lora_tied_A[adapter].weight.shape[0]
             A = torch.cat([self.lora_tied_A[adapter].weight, A], dim=0)
             B = torch.cat([self.lora_tied_B[adapter].weight, B], dim=1)
         self.lora_tied_A[adapter] = TiedFactor(A)
         self.lora_tied_B[adapter] = TiedFactor(B)
-        rows = B.shape[1] - self.lora_A[adapter].weight.shape[0]
         if into_base:
             # earlier links kept beside the base go in with this one
             self.add_tied_to_base(adapter, rows if adapter in self.tied_in_base else 0)
@@ -254,18 +306,39 @@ class ChainLoraLayer:
 
     @torch.no_grad()
     def start_new_link(self, adapter: str, config: ChainLoraConfig, r: int, generator: torch.Generator) -> None:
-        """A fresh link, drawn as the first one was (B = 0): in place, or at a new rank as new tensors."""
-        if r != self.r[adapter]:
-            old = self.lora_A[adapter].weight
-            lora_B = self.lora_B[adapter]
-            self._build_link(adapter, config, r, lora_B.split_sizes if isinstance(lora_B, FusedLoraB) else None)
-            for layer_name in ("lora_A", "lora_B", "lora_core"):
-                getattr(self, layer_name)[adapter].to(device=old.device, dtype=old.dtype)
-            self.r[adapter] = r
-            alpha = self.lora_alpha[adapter]
-            self.scaling[adapter] = alpha / math.sqrt(r) if self.use_rslora[adapter] else alpha / r
-        self._draw_link(adapter, config.init_lora_weights, generator)
-        self.lora_core[adapter].reset_parameters(config.chain_init, generator)
+        """A fresh link in place, drawn as the first one was (B = 0). A link of a lower rank r (COLA's rank
+        step-down) is drawn as a rank-r link and zero-padded into the tensors, whose shapes never change (the
+        engines shard and track them): the padding gets zero gradients and stays zero under Adam and weight
+        decay, so the link trains as a rank-r link."""
+        if r > self.storage_rank(adapter):
+            raise ValueError(
+                f"cola_ranks: a link of rank {r} cannot follow links of rank {self.storage_rank(adapter)}: "
+                "the ranks may only step down."
+            )
+        lora_B = self.lora_B[adapter]
+        slices = len(lora_B.split_sizes) if isinstance(lora_B, FusedLoraB) else 1
+        core = self.lora_core[adapter]
+        padded = r != self.storage_rank(adapter)
+        if padded and core.param_names and config.chain_dims:
+            raise ValueError("cola_ranks cannot step the rank down for chain_dims, which fix the rank of the chain.")
+        self.set_link_rank(adapter, r)
+        # the draw of a rank-r link: A, then the core's factors, in float32 on the CPU
+        A = torch.empty(slices * r, self.in_features)
+        draw_A(A, r, config.init_lora_weights, generator)
+        shapes = core_shapes(config.chain_type, slices * r) if padded else [tuple(f.shape) for f in core.factors()]
+        factors = [torch.empty(shape) for shape in shapes]
+        draw_factors(config.chain_type, factors, config.chain_init, generator)
+        lora_B.weight.zero_()
+        for layer_name, params, draws in (("lora_A", [self.lora_A[adapter].weight], [A]),
+                                          ("lora_core", core.factors(), factors)):  # fmt: skip
+            for param, draw in zip(params, draws):
+                param.copy_(self.pad_link_tensor(adapter, layer_name, draw, r) if padded else draw)
+
+    def set_link_rank(self, adapter: str, r: int) -> None:
+        """The current link's rank and the scale that goes with it (alpha / r, rsLoRA alpha / sqrt(r))."""
+        self.r[adapter] = r
+        alpha = self.lora_alpha[adapter]
+        self.scaling[adapter] = alpha / math.sqrt(r) if self.use_rslora[adapter] else alpha / r
 
 
 def _refuse_incomplete_adapter_tensors(module, state_dict, prefix, *args) -> None:
@@ -275,6 +348,7 @@ def _refuse_incomplete_adapter_tensors(module, state_dict, prefix, *args) -> Non
     Names look like 'lora_A.default.weight': adapter-layer name, adapter name, tensor.
     """
     _size_tied_factors_to_saved(module, state_dict, prefix)
+    _pad_saved_link(module, state_dict, prefix)
     layer_names = module.adapter_layer_names
     own: dict[str, set[str]] = {}
     for layer_name in layer_names:
@@ -302,6 +376,21 @@ def _refuse_incomplete_adapter_tensors(module, state_dict, prefix, *args) -> Non
             "(chain_type, chain_dims, chain_fused_splits) disagree; it may be damaged or written by another "
             "version of axolotl-chainlora."
         )
+
+
+def _pad_saved_link(module, state_dict, prefix) -> None:
+    """A COLA link saved after a rank step-down (at its own rank) loads zero-padded into tensors of the first
+    link's rank, as training holds it (and as the checkpoint's optimizer state has it)."""
+    for adapter in getattr(module, "lora_tied_A", {}):
+        B = state_dict.get(f"{prefix}lora_B.{adapter}.weight")
+        if B is None or B.dim() != 2 or not B.shape[1] < module.storage_rank(adapter):
+            continue
+        r = B.shape[1]
+        for key in list(state_dict):
+            parts = key[len(prefix) :].split(".")
+            if key.startswith(prefix) and parts[0] in ("lora_A", "lora_B", "lora_core") and parts[1:2] == [adapter]:
+                state_dict[key] = module.pad_link_tensor(adapter, parts[0], state_dict[key], r)
+        module.set_link_rank(adapter, r)
 
 
 def _size_tied_factors_to_saved(module, state_dict, prefix) -> None:

@@ -314,15 +314,16 @@ def _chain_config(cfg, lora_config) -> ChainLoraConfig:
 
 
 def _links_of_resumed_checkpoint(cfg) -> dict:
-    """The rank and tied links of the COLA checkpoint this run will resume from, so that the adapter is built
-    in its shape before the trainer loads it (axolotl picks the checkpoint only after building the model)."""
+    """The tied links of the COLA checkpoint this run will resume from, so that the adapter is built in its shape
+    before the trainer loads it (axolotl picks the checkpoint only after building the model). The link keeps the
+    first link's rank: a lower-rank link loads zero-padded into it, as training held it."""
     # axolotl's own choice (resume_from_checkpoint, else the last checkpoint with auto_resume), made now
     checkpoint = determine_last_checkpoint(cfg)
     saved_config = Path(checkpoint or "") / "adapter_config.json"
     if not checkpoint or not saved_config.is_file():
         return {}
     saved = json.loads(saved_config.read_text())
-    return {"r": saved["r"], "cola_tied_ranks": saved.get("cola_tied_ranks")}
+    return {"cola_tied_ranks": saved.get("cola_tied_ranks")}
 
 
 def _require_same_chain(cfg, config: ChainLoraConfig, saved) -> None:

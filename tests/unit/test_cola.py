@@ -218,22 +218,153 @@ def test_saved_adapter_holds_every_link_and_folds_to_plain_lora(tmp_path, chain_
     assert (logits_of(reloaded, input_ids) - logits_of(model, input_ids)).abs().max() <= 1e-5
 
 
-def test_rank_step_down_gives_new_tensors_to_the_optimizer(tmp_path, input_ids):
+def test_rank_step_down_pads_each_link_and_saves_it_at_its_own_rank(tmp_path, input_ids):
     schedule = ColaSchedule(links=3, knots=(3, 6), ranks=(4, 2, 2), merge="base")
     model, trainer = train_with_cola(tmp_path, "linchain", schedule)
     config = model.peft_config["default"]
     assert (config.r, config.cola_tied_ranks) == (2, [4, 2])
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert trainable == in_optimizer  # the optimizer trains exactly the current link
+    assert trainable == in_optimizer  # the optimizer trains exactly the current link's (unchanged) tensors
     for name, layer in chain_layers(model).items():
-        assert layer.lora_A["default"].weight.shape[0] == 2 and layer.scaling["default"] == 8 / 2, name
-        assert [f.shape for f in layer.lora_core["default"].factors()] == [(2, 2)] * 3, name
-        assert layer.lora_B["default"].weight.abs().max() > 0, name  # the last link trained
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert A.shape[0] == 4 and layer.scaling["default"] == 8 / 2, name
+        # the rank-2 link sits in the first 2 of 4 ranks; the padding stayed exactly zero through training
+        assert A[2:].abs().max() == 0 and B[:, 2:].abs().max() == 0, name
+        for factor in layer.lora_core["default"].factors():
+            assert factor[2:].abs().max() == 0 and factor[:, 2:].abs().max() == 0, name
+        assert B.abs().max() > 0, name  # the last link trained
     model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    # the file holds what a true rank-2 link writes
+    assert {t.shape[0] for k, t in saved.items() if ".lora_A." in k} == {2}
+    assert {t.shape[1] for k, t in saved.items() if ".lora_B." in k} == {2}
+    assert {tuple(t.shape) for k, t in saved.items() if ".lora_core." in k} == {(2, 2)}
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
     # base merge in training, tied factors on reload: the same function
     assert (logits_of(reloaded, input_ids) - logits_of(model, input_ids)).abs().max() <= 1e-5
+
+
+PADDED_CASES = [*CHAIN_TYPES, "mtlora_shim", "mtlora_ctcm"]
+
+
+def train_steps(model, steps: int = 4) -> None:
+    """AdamW with weight decay on fixed batches: the padding must stay zero under both."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    model.train()
+    for step in range(steps):
+        ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+
+
+def padded_and_true_links(chain_type: str, init: str, **config):
+    """A rank-2 link drawn zero-padded into rank-4 tensors, and a true rank-2 adapter given its trimmed tensors."""
+    padded = chain_model(chain_type, seed=None, chain_dims=None, chain_init=init, lora_dropout=0.0, **config)
+    padded_config = padded.peft_config["default"]
+    for name, layer in chain_layers(padded).items():
+        layer.start_new_link("default", padded_config, 2, torch.Generator().manual_seed(zlib.crc32(name.encode())))
+        with torch.no_grad():  # a trained B, so that every factor gets a gradient
+            layer.lora_B["default"].weight[:, :2].normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    true = chain_model(chain_type, seed=None, chain_dims=None, chain_init=init, lora_dropout=0.0, r=2, **config)
+    copy_trimmed(padded, true)
+    return padded, true
+
+
+def copy_trimmed(padded, true) -> None:
+    """The true adapter's tensors := the padded one's, cut to rank 2 (first two rows of A, columns of B, the core's
+    top-left block), written out here rather than taken from the code under test."""
+    true_layers = chain_layers(true)
+    with torch.no_grad():
+        for name, layer in chain_layers(padded).items():
+            other = true_layers[name]
+            other.lora_A["default"].weight.copy_(layer.lora_A["default"].weight[:2])
+            other.lora_B["default"].weight.copy_(layer.lora_B["default"].weight[:, :2])
+            for mine, theirs in zip(layer.lora_core["default"].factors(), other.lora_core["default"].factors()):
+                theirs.copy_(mine[:2, :2])
+
+
+def trimmed_difference(padded, true) -> float:
+    worst = 0.0
+    for name, layer in chain_layers(padded).items():
+        other = chain_layers(true)[name]
+        pairs = [(layer.lora_A["default"].weight[:2], other.lora_A["default"].weight),
+                 (layer.lora_B["default"].weight[:, :2], other.lora_B["default"].weight)]  # fmt: skip
+        pairs += [
+            (m[:2, :2], t) for m, t in zip(layer.lora_core["default"].factors(), other.lora_core["default"].factors())
+        ]
+        worst = max(worst, *((a - b).abs().max().item() for a, b in pairs))
+    return worst
+
+
+@pytest.mark.parametrize("init", ["kaiming", "identity", "orthogonal"])
+@pytest.mark.parametrize("chain_type", PADDED_CASES)
+def test_a_zero_padded_link_trains_as_a_link_of_its_own_rank(chain_type, init, input_ids):
+    padded, true = padded_and_true_links(chain_type, init)
+    # the draw itself: a rank-2 link drawn from the same generator, padded with zeros
+    for name, layer in chain_layers(padded).items():
+        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        A = torch.empty(2, layer.in_features)
+        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        assert torch.equal(layer.lora_A["default"].weight[:2], A) and layer.lora_A["default"].weight[2:].eq(0).all()
+    train_steps(padded)
+    train_steps(true)
+    diff = trimmed_difference(padded, true)
+    print(f"{chain_type}/{init}: padded rank-2 link vs a true rank-2 link after 4 AdamW steps: {diff:.2e}")
+    assert diff <= 1e-6
+    for layer in chain_layers(padded).values():
+        tensors = [layer.lora_A["default"].weight[2:], layer.lora_B["default"].weight[:, 2:]]
+        tensors += [f[2:] for f in layer.lora_core["default"].factors()] + [
+            f[:, 2:] for f in layer.lora_core["default"].factors()
+        ]
+        assert all(t.eq(0).all() for t in tensors)  # exactly zero, weight decay included
+    assert (logits_of(padded, input_ids) - logits_of(true, input_ids)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("chain_type", ["moslora", "linchain"])
+def test_padding_left_non_zero_trains_another_link(chain_type):
+    """Negative control: a step-down that kept the old core in the padding trains a different link."""
+    padded, true = padded_and_true_links(chain_type, "kaiming")
+    with torch.no_grad():
+        for layer in chain_layers(padded).values():
+            layer.lora_core["default"].factors()[0][2:].normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    train_steps(padded)
+    train_steps(true)
+    assert trimmed_difference(padded, true) > 1e-3
+
+
+def test_a_padded_fused_link_trains_as_a_fused_link_of_its_own_rank(input_ids):
+    """GPT-2's fused qkv: each of the three slices holds its rank-2 block in the first 2 of its 4 ranks."""
+    config = dict(target_modules=["c_attn"], chain_fused_splits={"c_attn": 3}, fan_in_fan_out=True)
+    padded = chain_model("mtlora_shim", base=tiny_gpt2(), seed=None, lora_dropout=0.0, **config)
+    padded_config = padded.peft_config["default"]
+    true = chain_model("mtlora_shim", base=tiny_gpt2(), seed=None, lora_dropout=0.0, r=2, **config)
+    for module in [*padded.modules(), *true.modules()]:
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # GPT-2's own dropout: its masks are not what this test compares
+    true_layers = chain_layers(true)
+    positions = torch.tensor([0, 1, 4, 5, 8, 9])  # written out: slice g's first two of four ranks
+    with torch.no_grad():
+        for name, layer in chain_layers(padded).items():
+            layer.start_new_link("default", padded_config, 2, torch.Generator().manual_seed(7))
+            layer.lora_B["default"].weight[:, :2].normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+            other = true_layers[name]
+            other.lora_A["default"].weight.copy_(layer.lora_A["default"].weight[positions])
+            other.lora_B["default"].weight.copy_(layer.lora_B["default"].weight[:, :2])
+            other.lora_core["default"].weight.copy_(layer.lora_core["default"].weight[positions][:, positions])
+    train_steps(padded)
+    train_steps(true)
+    for name, layer in chain_layers(padded).items():
+        other = true_layers[name]
+        torch.testing.assert_close(layer.lora_A["default"].weight[positions], other.lora_A["default"].weight)
+        torch.testing.assert_close(layer.lora_B["default"].weight[:, :2], other.lora_B["default"].weight)
+        core = layer.lora_core["default"].weight
+        torch.testing.assert_close(core[positions][:, positions], other.lora_core["default"].weight)
+        padding = torch.ones_like(core, dtype=torch.bool)
+        padding[positions.unsqueeze(1), positions] = False
+        assert core[padding].eq(0).all()  # the rest stayed exactly zero
+    assert (logits_of(padded, input_ids) - logits_of(true, input_ids)).abs().max() <= 1e-5
 
 
 class RecordScaling(TrainerCallback):

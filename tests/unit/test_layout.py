@@ -13,6 +13,7 @@ PACKAGE = Path(axolotl_chainlora.__file__).parent
 # bottom-up: a module imports only modules listed before it
 LAYERS = (
     "log",
+    "engines",
     "cores",
     "layer",
     "bnb",
