@@ -14,12 +14,11 @@ keys.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, StrictFloat, StrictInt, model_validator
 
-from .cola import COLA_MERGE_MODES, ColaSchedule
+from .cola import COLA_MERGE_MODES, LINK_WARMUP_UNDER_DEEPSPEED, ColaSchedule
 from .config import ChainLoraConfig, check_chain_settings
 from .cores import DEFAULT_LINCHAIN_FACTORS
 from .log import LOG
@@ -233,14 +232,35 @@ class ChainLoraArgs(BaseModel):
 
     @model_validator(mode="after")
     def check_cola_engine(self):
+        """What a knot can reset on each engine (engines.py): FSDP2, and DeepSpeed with Adam on the adapter alone."""
         cfg = _Keys(self)
-        if uses_cola(cfg):
-            refusals = {
-                "deepspeed": "COLA does not yet reset DeepSpeed's own optimizer and fp32 master copies at a knot",
-                "fsdp": "COLA does not yet re-shard the new link and tie sharded weights at a knot under FSDP",
-                "fsdp_config": "COLA does not yet re-shard the new link and tie sharded weights at a knot under FSDP",
-            }
-            _refuse(cfg, refusals, "cola_links")
+        if not uses_cola(cfg):
+            return self
+        fsdp_config = cfg.get("fsdp_config") or {}
+        fsdp_version = cfg.get("fsdp_version") or fsdp_config.get("fsdp_version") or fsdp_config.get("version")
+        if cfg.get("fsdp") or (fsdp_config and str(fsdp_version) != "2"):
+            raise ValueError(
+                "cola_links under FSDP needs FSDP2, whose DTensor shards a knot rewrites: set fsdp_version: 2 "
+                "(FSDP1's flat parameters are not supported)."
+            )
+        if not cfg.get("deepspeed"):
+            return self
+        if cfg.get("cola_link_warmup_steps"):
+            raise ValueError(LINK_WARMUP_UNDER_DEEPSPEED)
+        optimizer = str(cfg.get("optimizer") or "adamw_torch_fused")  # axolotl's default
+        if "adam" not in optimizer or any(word in optimizer for word in ("8bit", "bnb", "paged")):
+            raise ValueError(
+                f"optimizer: {optimizer} cannot be used with cola_links under DeepSpeed: a knot resets Adam's state "
+                "(moments and step) in DeepSpeed's fp32 partitions, which bitsandbytes' quantized or paged state "
+                "and other optimizers do not keep. Use adamw_torch or adamw_torch_fused (or the deepspeed config's "
+                "own Adam)."
+            )
+        if cfg.get("lora_modules_to_save"):
+            raise ValueError(
+                "lora_modules_to_save cannot be used with cola_links under DeepSpeed: DeepSpeed keeps Adam's step "
+                "count per optimizer group, which the link would share with those modules, so a knot could not "
+                "reset the link alone. Remove lora_modules_to_save, or train without deepspeed."
+            )
         return self
 
     @model_validator(mode="after")
@@ -286,12 +306,6 @@ class ChainLoraArgs(BaseModel):
             raise ValueError(
                 f"cola_ranks steps the rank down, which keeps LinChain's default {DEFAULT_LINCHAIN_FACTORS} "
                 "factors: remove linchain_n."
-            )
-        # the launcher's WORLD_SIZE: axolotl's normalize_config copies it into the cfg only after validation
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError(
-                "cola_ranks steps the rank down, which gives the link new tensors that DistributedDataParallel "
-                "would not synchronise: use one rank for every link (or train on one process)."
             )
         return self
 

@@ -121,10 +121,16 @@ def _check_schedule(schedule: ColaSchedule) -> None:
             raise ValueError(
                 f"cola_ranks={list(ranks)} must be {links} positive integers, one rank per link (cola_links={links})."
             )
+        if any(later > earlier for earlier, later in zip(ranks, ranks[1:])):
+            raise ValueError(
+                f"cola_ranks={list(ranks)} must not increase: every link lives in the first link's tensors, a link "
+                "of a lower rank zero-padded in them."
+            )
         if len(set(ranks)) > 1 and not schedule.reset_optimizer:
             raise ValueError(
-                "cola_reset_optimizer: false keeps the optimizer state of the link, which cannot fit a link of "
-                "another rank: set cola_reset_optimizer: true or give every link the same rank in cola_ranks."
+                "cola_reset_optimizer: false keeps the last link's optimizer moments, which would move the zero "
+                "padding a lower-rank link lives in: set cola_reset_optimizer: true or give every link the same rank "
+                "in cola_ranks."
             )
     if schedule.merge not in COLA_MERGE_MODES:
         raise ValueError(f"cola_merge={schedule.merge!r} must be one of {', '.join(COLA_MERGE_MODES)}.")

@@ -34,9 +34,10 @@ class TorchEngine:
     name = "torch"
 
     @contextlib.contextmanager
-    def full(self, module: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
-        """Within: `params` (of `module`) are whole tensors that can be read and written in place."""
-        yield
+    def full(self, module: nn.Module, params: list[nn.Parameter]) -> Iterator[list[nn.Parameter]]:
+        """Within: `params` (of `module`) are whole tensors that can be read and written in place, through the
+        module's attributes or as the list this yields."""
+        yield params
 
     def write_master(self, params: list[nn.Parameter]) -> None:
         """Copy the parameters' new values into the engine's own master copy, where it keeps one."""
@@ -67,19 +68,22 @@ class Fsdp2Engine(TorchEngine):
     name = "fsdp2"
 
     @contextlib.contextmanager
-    def full(self, module: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    def full(self, module: nn.Module, params: list[nn.Parameter]) -> Iterator[list[nn.Parameter]]:
         # each sharded parameter is swapped for a whole copy while the knot computes, then scattered back into
         # its shard: the DTensor stays the object the optimizer holds
-        wanted = {id(p) for p in params}
+        wholes = {
+            id(p): nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+            for p in params
+            if isinstance(p, DTensor)
+        }
         swapped = []
         for owner in module.modules():
             for name, param in list(owner._parameters.items()):
-                if id(param) in wanted and isinstance(param, DTensor):
-                    whole = nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
-                    owner._parameters[name] = whole
-                    swapped.append((owner, name, param, whole))
+                if id(param) in wholes:
+                    owner._parameters[name] = wholes[id(param)]
+                    swapped.append((owner, name, param, wholes[id(param)]))
         try:
-            yield
+            yield [wholes.get(id(p), p) for p in params]
         finally:
             for owner, name, sharded, whole in swapped:
                 owner._parameters[name] = sharded
@@ -136,12 +140,12 @@ class DeepSpeedZero3Engine(DeepSpeedEngine):
     name = "deepspeed-zero3"
 
     @contextlib.contextmanager
-    def full(self, module: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    def full(self, module: nn.Module, params: list[nn.Parameter]) -> Iterator[list[nn.Parameter]]:
         import deepspeed
 
         # every rank computes the same knot; rank 0's result is partitioned back
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            yield
+            yield params
 
     def write_master(self, params: list[nn.Parameter]) -> None:
         from deepspeed.utils import safe_set_local_fp32_param
@@ -154,8 +158,17 @@ class DeepSpeedZero3Engine(DeepSpeedEngine):
     groups, flats = "fp16_groups", "fp32_partitioned_groups_flat"
 
 
+# torch's Adam/AdamW and DeepSpeed's FusedAdam/DeepSpeedCPUAdam
+ADAM_STATE = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+
+
 def _zero_state(state: dict) -> None:
     """Adam's state as a fresh optimizer's: moments and step at zero (a step of 0 is 'never stepped')."""
+    if set(state) - ADAM_STATE:
+        raise RuntimeError(
+            f"COLA under DeepSpeed resets Adam's state ({', '.join(sorted(ADAM_STATE))}), but the optimizer keeps "
+            f"{sorted(set(state) - ADAM_STATE)}: use torch's AdamW or DeepSpeed's Adam."
+        )
     for key, value in state.items():
         if torch.is_tensor(value):
             value.zero_()

@@ -194,6 +194,15 @@ MODEL_CLASS_FOR_TASK = {
 }
 
 
+def _model_class(task_type: str | None, base_model) -> type:
+    """The adapter's task's Auto class; without a task_type, the base's own architecture: a bare AutoModel would
+    lose the LM head, and PEFT would only warn that the adapter's keys did not match."""
+    if task_type in MODEL_CLASS_FOR_TASK:
+        return getattr(transformers, MODEL_CLASS_FOR_TASK[task_type])
+    architectures = transformers.AutoConfig.from_pretrained(str(base_model)).architectures or []
+    return getattr(transformers, architectures[0]) if architectures else transformers.AutoModel
+
+
 def merge_to_full_model(
     adapter_dir: str | os.PathLike, base_model: str | os.PathLike, out_dir: str | os.PathLike
 ) -> Path:
@@ -221,8 +230,7 @@ def merge_to_full_model(
     """
     # checked before the base model loads: a bad adapter fails in a second, naming the file
     config, _ = read_adapter(Path(adapter_dir))
-    model_class = getattr(transformers, MODEL_CLASS_FOR_TASK.get(config.task_type, "AutoModel"))
-    model = model_class.from_pretrained(str(base_model), dtype="auto")
+    model = _model_class(config.task_type, base_model).from_pretrained(str(base_model), dtype="auto")
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(safe_merge=True)
 
     def write(tmp_dir: Path) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create a virtual environment with axolotl-chainlora, its test and benchmark extras and axolotl as the host.
+# Create a virtual environment with axolotl-chainlora, its test, benchmark and DeepSpeed extras and axolotl as the host.
 #   bash scripts/install.sh          -> .venv, Python 3.12, axolotl 0.21.0 (the main leg)
 #   bash scripts/install.sh 0.19.0   -> .venv-axolotl-0.19, Python 3.11, axolotl 0.19.0 with the on-disk CPU torch 2.13.0
 # Re-runnable: dependencies are reinstalled only when this script or pyproject.toml changes.
@@ -37,6 +37,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet -e ".[test,bench]" "axolotl==${AXOLOTL_VERSION}" "${PINS[@]}"
+# DeepSpeed's source distribution builds against the torch just installed, its C++ ops left to compile on first use
+DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install --quiet --no-build-isolation -e ".[deepspeed]" "${PINS[@]}"
 rm -f "$VENV"/.chainlora-install-*
 touch "$stamp"
 echo "install: $VENV done ($("$VENV/bin/python" -c 'import peft, torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")' 2>/dev/null))"

@@ -672,7 +672,27 @@ COLA = {"adapter": "lora", "cola_links": 3}
         ),
         pytest.param({"relora": True}, [r"relora cannot be used with cola_links"], id="relora"),
         pytest.param(
-            {"deepspeed": "zero3.json"}, [r"deepspeed cannot be used with cola_links", r"fp32 master"], id="deepspeed"
+            {"deepspeed": "zero3.json", "cola_link_warmup_steps": 5},
+            [r"cola_link_warmup_steps cannot act under DeepSpeed", r"remove cola_link_warmup_steps"],
+            id="deepspeed-warmup",
+        ),
+        pytest.param(
+            {"deepspeed": "zero2.json", "optimizer": "adamw_bnb_8bit"},
+            [r"optimizer: adamw_bnb_8bit cannot be used with cola_links under DeepSpeed", r"Use adamw_torch"],
+            id="deepspeed-8bit",
+        ),
+        pytest.param(
+            {"deepspeed": "zero2.json", "lora_modules_to_save": ["lm_head"]},
+            [r"lora_modules_to_save cannot be used with cola_links under DeepSpeed", r"step count per optimizer group"],
+            id="deepspeed-modules-to-save",
+        ),
+        pytest.param(
+            {"fsdp_config": {"offload_params": False}},
+            [r"cola_links under FSDP needs FSDP2", r"set fsdp_version: 2"],
+            id="fsdp-unversioned",
+        ),
+        pytest.param(
+            {"cola_ranks": [8, 4, 8]}, [r"cola_ranks=\[8, 4, 8\] must not increase", r"zero-padded"], id="rank-up"
         ),
         pytest.param({"adapter": "llama-adapter"}, [r"cola_links needs adapter: one of lora, qlora"], id="adapter"),
         pytest.param(
@@ -706,9 +726,19 @@ def test_bad_cola_keys_are_refused(tmp_path, base_yaml, overrides, patterns):
     refused(tmp_path, base_yaml, patterns, **{**COLA, **overrides})
 
 
-def test_rank_step_down_is_refused_under_ddp(tmp_path, base_yaml, monkeypatch):
+@pytest.mark.parametrize(
+    "engine",
+    [
+        pytest.param({}, id="ddp"),
+        pytest.param({"deepspeed": "zero2.json"}, id="zero2"),
+        pytest.param({"deepspeed": "zero3.json", "optimizer": "adamw_torch"}, id="zero3"),
+        pytest.param({"fsdp_version": 2, "fsdp_config": {"offload_params": False}}, id="fsdp2"),
+    ],
+)
+def test_cola_with_a_rank_step_down_validates_on_every_engine(tmp_path, base_yaml, monkeypatch, engine):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    refused(tmp_path, base_yaml, [r"DistributedDataParallel would not synchronise"], **COLA, cola_ranks=[8, 4, 4])
+    cfg = load(tmp_path, base_yaml, **COLA, cola_ranks=[8, 4, 4], **engine)
+    assert cfg.cola_ranks == [8, 4, 4]
 
 
 @pytest.mark.parametrize("adapter", ["lora", "qlora", "linchain"])

@@ -479,6 +479,18 @@ def test_cli_refuses_adapter_missing_a_core_tensor(chain_type, core_key, llama_c
 # --- 7. merge_to_full_model in-process -----------------------------------------------------------
 
 
+def test_merge_of_an_adapter_saved_without_task_type_is_the_base_architecture(tiny_llama_dir, tmp_path, input_ids):
+    """No task_type: the merge loads the base as its own class (LlamaForCausalLM), not a bare model without its
+    LM head (which a bare AutoModel gave, with PEFT only warning about the adapter's keys)."""
+    model = chain_model("moslora")
+    assert model.peft_config["default"].task_type is None
+    model.save_pretrained(tmp_path / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(
+        merge_to_full_model(tmp_path / "adapter", tiny_llama_dir, tmp_path / "m")
+    )
+    assert max_diff(logits_of(merged, input_ids), logits_of(model, input_ids)) <= TOL
+
+
 def test_merge_to_full_model_linchain(llama_chains, tiny_llama_dir, tmp_path, input_ids, base_llama_logits):
     chain = llama_chains["linchain"]
     out = merge_to_full_model(chain.adapter_dir, tiny_llama_dir, tmp_path / "merged")

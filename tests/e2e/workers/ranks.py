@@ -8,11 +8,11 @@ import torch.distributed as dist
 from helpers import chain_model
 
 
-def start(chain_type: str):
+def start(chain_type: str, **overrides):
     """Join the group; return this rank and a training chain model that is alike on every rank."""
     dist.init_process_group("gloo")
     # LinChain with its default r x r links; tiny_llama seeds the base, so every rank starts alike
-    model = chain_model(chain_type, seed=None, chain_dims=None)
+    model = chain_model(chain_type, seed=None, chain_dims=None, **overrides)
     return dist.get_rank(), model.train()
 
 
