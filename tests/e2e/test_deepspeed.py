@@ -92,3 +92,20 @@ def test_zero3_adapter_folds_and_merges_to_its_own_logits(runs, chain_type, tiny
     for what, logits in (("folded", logits_of(lora, input_ids)), ("merged", logits_of(merged, input_ids))):
         difference = (logits - chain).abs().max().item()
         assert difference <= 1e-5, f"the {what} model's logits differ by {difference:.2e}"
+
+
+def test_cola_through_the_trainer_on_zero2_and_zero3_ties_the_knots_ddp_ties(tmp_path):
+    """ColaCallback in transformers' Trainer under ZeRO-2/3 (accelerate's wrapper around DeepSpeed's optimizer):
+    the adapter after two knots, tied links into the base, is the DDP run's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DS_ACCELERATOR", "cpu")
+        for engine in ("ddp", "zero2", "zero3"):
+            torchrun("trainer_train.py", str(tmp_path), "linchain,mtlora_ctcm", engine, "--cola", "base")
+    for chain_type in ("linchain", "mtlora_ctcm"):
+        ddp = saved(tmp_path / "ddp" / chain_type)
+        assert PeftConfig.from_pretrained(tmp_path / "ddp" / chain_type).cola_tied_ranks == [3, 3]
+        for engine, tolerance in (("zero2", 0.0), ("zero3", ZERO3_ATOL)):
+            assert PeftConfig.from_pretrained(tmp_path / engine / chain_type).cola_tied_ranks == [3, 3]
+            difference, where = max_difference(saved(tmp_path / engine / chain_type), ddp)
+            print(f"COLA {chain_type} {engine} vs DDP: {difference:.2e}")
+            assert difference <= tolerance, f"{engine} differs from DDP by {difference:.2e} ({where})"
