@@ -33,11 +33,13 @@ def trim_padded_links(model, tensors: dict, adapter_name: str = "default") -> di
     """An adapter's saved tensors (PEFT's names, without the adapter name) with each COLA link that a rank
     step-down zero-padded cut to its own rank, as a true rank-r link writes them."""
     for name, module in model.named_modules():
-        if isinstance(module, ChainLoraLayer) and adapter_name in getattr(module, "lora_core", {}):
-            for key in tensors:
-                layer_name = key[len(name) + 1 :].split(".")[0] if key.startswith(f"{name}.") else None
-                if layer_name is not None:
-                    tensors[key] = module.trim_link_tensor(adapter_name, layer_name, tensors[key])
+        chain = isinstance(module, ChainLoraLayer) and adapter_name in getattr(module, "lora_core", {})
+        if not chain or module.link_positions(adapter_name) is None:
+            continue
+        for key in tensors:
+            if key.startswith(f"{name}."):
+                layer_name = key[len(name) + 1 :].split(".")[0]
+                tensors[key] = module.trim_link_tensor(adapter_name, layer_name, tensors[key])
     return tensors
 
 

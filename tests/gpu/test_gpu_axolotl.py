@@ -63,10 +63,17 @@ RUNS = {
 if HAS_FLASH_ATTN:
     RUNS["flash-linchain"] = {"adapter": "linchain", "sdp_attention": None, "flash_attention": True}
 # one process each, on its own rendezvous port
-DISTRIBUTED = {"fsdp2-linchain": {"adapter": "linchain", **FSDP2}}
+# COLA on each engine, with a rank step-down: two knots tie links of ranks 8 and 4
+STEP_DOWN = {"cola_links": 3, "cola_ranks": [8, 4, 4]}
+DISTRIBUTED = {
+    "fsdp2-linchain": {"adapter": "linchain", **FSDP2},
+    "fsdp2-cola": {"adapter": "linchain", **FSDP2, **STEP_DOWN},
+}
 if HAS_DEEPSPEED:
     DISTRIBUTED["zero2-moslora"] = {"adapter": "moslora", "deepspeed": 2}
     DISTRIBUTED["zero3-linchain"] = {"adapter": "linchain", "deepspeed": 3}
+    DISTRIBUTED["zero2-cola"] = {"adapter": "moslora", "deepspeed": 2, **STEP_DOWN}
+    DISTRIBUTED["zero3-cola"] = {"adapter": "mtlora", "mtlora_structure": "ctcm", "deepspeed": 3, **STEP_DOWN}
 QUANTIZED = {name: ("4bit" if changes.get("load_in_4bit") else "8bit" if changes.get("load_in_8bit") else None)
              for name, changes in {**RUNS, **DISTRIBUTED}.items()}  # fmt: skip
 # bf16 logits (max abs of about 10): a few units in the last place of bf16
@@ -179,14 +186,18 @@ def test_merge_lora_gives_the_adapters_logits(gpu_workspace, merges, name):
     shutil.rmtree(merged_dir)
 
 
-@pytest.mark.parametrize("name", ["qlora-cola", "bf16-cola"])
+@pytest.mark.parametrize("name", ["qlora-cola", "bf16-cola", "fsdp2-cola", "zero2-cola", "zero3-cola"])
 def test_cola_ties_its_knots(gpu_workspace, trained, name):
+    if name.startswith("zero") and not HAS_DEEPSPEED:
+        pytest.skip("deepspeed does not import here")
     log = output_of(trained_run(trained, name))
     assert log.count("COLA knot after step") == 2
     assert "tied links kept as frozen factors beside the base" in log
     tensors = load_file(gpu_workspace / f"out-{name}" / ADAPTER_WEIGHTS)
-    tied_ranks = {tensor.shape[0] for key, tensor in tensors.items() if "lora_tied_A" in key}
-    assert tied_ranks == {16}  # two tied links of rank 8
+    ranks = {**RUNS, **DISTRIBUTED}[name].get("cola_ranks", [8, 8, 8])
+    # the two tied links, and the last link saved at its own rank (its zero padding cut away)
+    assert {t.shape[0] for key, t in tensors.items() if "lora_tied_A" in key} == {ranks[0] + ranks[1]}
+    assert {t.shape[0] for key, t in tensors.items() if ".lora_A." in key} == {ranks[2]}
 
 
 @requires_deepspeed
