@@ -31,8 +31,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 class TorchEngine:
     """One process, DDP, FSDP2: the optimizer holds the parameters themselves."""
 
-    name = "torch"
-
     @contextlib.contextmanager
     def full(self, module: nn.Module, params: list[nn.Parameter]) -> Iterator[list[nn.Parameter]]:
         """Within: `params` (of `module`) are whole tensors that can be read and written in place, through the
@@ -65,8 +63,6 @@ class TorchEngine:
 class Fsdp2Engine(TorchEngine):
     """FSDP2: parameters are DTensor shards; the knot computes on gathered whole tensors."""
 
-    name = "fsdp2"
-
     @contextlib.contextmanager
     def full(self, module: nn.Module, params: list[nn.Parameter]) -> Iterator[list[nn.Parameter]]:
         # each sharded parameter is swapped for a whole copy while the knot computes, then scattered back into
@@ -95,8 +91,6 @@ class Fsdp2Engine(TorchEngine):
 
 class DeepSpeedEngine(TorchEngine):
     """DeepSpeed ZeRO-1/2: whole 16-bit parameters, a partitioned fp32 master copy and flat optimizer state."""
-
-    name = "deepspeed"
 
     def write_master(self, params: list[nn.Parameter]) -> None:
         from deepspeed.utils import safe_set_full_fp32_param
@@ -136,8 +130,6 @@ class DeepSpeedEngine(TorchEngine):
 
 class DeepSpeedZero3Engine(DeepSpeedEngine):
     """DeepSpeed ZeRO-3: every parameter partitioned, gathered for the knot."""
-
-    name = "deepspeed-zero3"
 
     @contextlib.contextmanager
     def full(self, module: nn.Module, params: list[nn.Parameter]) -> Iterator[list[nn.Parameter]]:
