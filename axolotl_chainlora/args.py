@@ -297,7 +297,6 @@ class ChainLoraArgs(BaseModel):
         conflicts = {
             "lora_rank_pattern": "gives layers their own ranks",
             "linchain_dims": "fixes the rank of the chain",
-            "mtlora_fused_splits": "fixes the rank of the fused core",
         }
         for key, why in conflicts.items():
             if cfg.get(key):

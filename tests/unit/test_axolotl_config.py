@@ -734,11 +734,15 @@ def test_bad_cola_keys_are_refused(tmp_path, base_yaml, overrides, patterns):
         pytest.param({"deepspeed": "zero2.json"}, id="zero2"),
         pytest.param({"deepspeed": "zero3.json", "optimizer": "adamw_torch"}, id="zero3"),
         pytest.param({"fsdp_version": 2, "fsdp_config": {"offload_params": False}}, id="fsdp2"),
+        # the step-down pads each fused slice's link (tests/unit/test_cola.py)
+        pytest.param(
+            {"adapter": "mtlora", "mtlora_structure": "shim", "mtlora_fused_splits": {"q_proj": 2}}, id="fused"
+        ),
     ],
 )
-def test_cola_with_a_rank_step_down_validates_on_every_engine(tmp_path, base_yaml, engine):
+def test_a_rank_step_down_validates_on_every_engine_and_with_fused_splits(tmp_path, base_yaml, engine):
     # the schema only: normalize_config would start DeepSpeed's process group
-    cfg = validated(tmp_path, base_yaml, **COLA, cola_ranks=[8, 4, 4], **engine)
+    cfg = validated(tmp_path, base_yaml, **{**COLA, **engine}, cola_ranks=[8, 4, 4])
     assert cfg.cola_ranks == [8, 4, 4]
 
 

@@ -367,6 +367,31 @@ def test_a_padded_fused_link_trains_as_a_fused_link_of_its_own_rank(input_ids):
     assert (logits_of(padded, input_ids) - logits_of(true, input_ids)).abs().max() <= 1e-5
 
 
+def test_a_fused_rank_step_down_saves_reloads_and_folds_as_true_rank_links(tmp_path, input_ids):
+    """GPT-2's fused qkv with knots stepping the rank 4 -> 2: the file holds rank-2 fused tensors (A 3*2 rows, B 2
+    columns, cores 6 x 6), which plain PEFT (after the fold) and the chain layers reload with the model's logits."""
+    config = dict(target_modules=["c_attn"], chain_fused_splits={"c_attn": 3}, fan_in_fan_out=True)
+    model = chain_model("mtlora_icfm", base=tiny_gpt2(), seed=None, lora_dropout=0.0, **config)
+    for step in (1, 2):
+        randomize_adapters(model, seed=step)  # a trained link to tie, padding included: the knot must cut it
+        knot(model, "frozen", step=step, ranks=(4, 2, 2))
+        with torch.no_grad():  # the new rank-2 link trained a little (in its own rows and columns only)
+            for layer in chain_layers(model).values():
+                layer.lora_B["default"].weight[:, :2].normal_(0, 0.3, generator=torch.Generator().manual_seed(step))
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {tuple(t.shape) for k, t in saved.items() if ".lora_A." in k} == {(6, 32)}
+    assert {tuple(t.shape) for k, t in saved.items() if ".lora_B." in k} == {(96, 2)}
+    assert {tuple(t.shape) for k, t in saved.items() if ".lora_core." in k} == {(6, 6)}
+    assert {t.shape[0] for k, t in saved.items() if ".lora_tied_A." in k} == {3 * 4 + 3 * 2}
+    expected = logits_of(model, input_ids)
+    reloaded = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "adapter").eval()
+    assert (logits_of(reloaded, input_ids) - expected).abs().max() <= 1e-5
+    fold_to_lora(tmp_path / "adapter", tmp_path / "plain")
+    plain = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "plain").eval()
+    assert (logits_of(plain, input_ids) - expected).abs().max() <= 1e-5
+
+
 class RecordScaling(TrainerCallback):
     """Each adapted layer's scaling just after each knot (added after the ColaCallback, so it runs after it)."""
 
