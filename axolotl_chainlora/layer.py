@@ -186,15 +186,18 @@ class ChainLoraLayer:
         lora_B = self.lora_B[adapter]
         return lora_B.r if isinstance(lora_B, FusedLoraB) else lora_B.in_features
 
+    def fused_slices(self, adapter: str) -> int:
+        """k, the output slices of a fused projection (q, k, v), each with its own B; 1 otherwise."""
+        lora_B = self.lora_B[adapter]
+        return len(lora_B.split_sizes) if isinstance(lora_B, FusedLoraB) else 1
+
     def link_positions(self, adapter: str, r: int | None = None) -> torch.Tensor | None:
         """Where a link of rank r (default the current link's) sits among the k*R rows of A and of the core:
         the first r of each fused slice's R. None when it fills them."""
-        lora_B = self.lora_B[adapter]
-        slices = len(lora_B.split_sizes) if isinstance(lora_B, FusedLoraB) else 1
         r, storage = r or self.r[adapter], self.storage_rank(adapter)
         if r == storage:
             return None
-        return torch.cat([torch.arange(r) + index * storage for index in range(slices)])
+        return torch.cat([torch.arange(r) + index * storage for index in range(self.fused_slices(adapter))])
 
     def trim_link_tensor(self, adapter: str, layer_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A link tensor as a link of its own rank has it: the padding cut away (A's rows, B's columns, the
@@ -211,8 +214,7 @@ class ChainLoraLayer:
     def pad_link_tensor(self, adapter: str, layer_name: str, tensor: torch.Tensor, r: int) -> torch.Tensor:
         """A rank-r link tensor embedded in this layer's tensors, zero elsewhere (the inverse of trimming)."""
         positions = self.link_positions(adapter, r)
-        rows = len(positions)
-        storage = self.storage_rank(adapter) * rows // r
+        storage = self.fused_slices(adapter) * self.storage_rank(adapter)
         if layer_name == "lora_A":
             padded = tensor.new_zeros(storage, tensor.shape[1])
             padded[positions] = tensor
@@ -315,8 +317,7 @@ class ChainLoraLayer:
                 f"cola_ranks: a link of rank {r} cannot follow links of rank {self.storage_rank(adapter)}: "
                 "the ranks may only step down."
             )
-        lora_B = self.lora_B[adapter]
-        slices = len(lora_B.split_sizes) if isinstance(lora_B, FusedLoraB) else 1
+        slices = self.fused_slices(adapter)
         core = self.lora_core[adapter]
         padded = r != self.storage_rank(adapter)
         if padded and core.param_names and config.chain_dims:
@@ -328,7 +329,7 @@ class ChainLoraLayer:
         shapes = core_shapes(config.chain_type, slices * r) if padded else [tuple(f.shape) for f in core.factors()]
         factors = [torch.empty(shape) for shape in shapes]
         draw_factors(config.chain_type, factors, config.chain_init, generator)
-        lora_B.weight.zero_()
+        self.lora_B[adapter].weight.zero_()
         for layer_name, params, draws in (("lora_A", [self.lora_A[adapter].weight], [A]),
                                           ("lora_core", core.factors(), factors)):  # fmt: skip
             for param, draw in zip(params, draws):
