@@ -21,9 +21,9 @@ TESTS = Path(__file__).parents[1]
 
 
 def torchrun(worker: str, *args: str) -> None:
-    """Run a worker on two CPU processes."""
+    """Run a worker on two CPU processes (DeepSpeed's included: DS_ACCELERATOR=cpu)."""
     pythonpath = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-    env = offline_env(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
+    env = offline_env(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, DS_ACCELERATOR="cpu")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKERS / worker), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -3,8 +3,8 @@ and save each with trainer.save_model into OUT_DIR/ENGINE/CHAIN_TYPE.
 
 usage: trainer_train.py OUT_DIR CHAIN_TYPE[,CHAIN_TYPE...] ddp|zero2|zero3 [--steps N] [--cola MERGE]
 
-The DeepSpeed engines need DS_ACCELERATOR=cpu in the environment. --cola MERGE adds COLA with 3 links, knots after
-steps 2 and 4.
+The DeepSpeed engines need DS_ACCELERATOR=cpu in the environment (test_distributed.torchrun sets it).
+--cola MERGE adds COLA with 3 links, knots after steps 2 and 4.
 """
 
 import argparse
