@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -84,10 +85,10 @@ TINY_LLAMA3 = ["num_hidden_layers=1", "hidden_size=64", "intermediate_size=224",
                "num_key_value_heads=2", "seq=32", "batch=1", "warmup=1", "steps=3", "repeats=1"]  # fmt: skip
 
 
-def gpu_check_parts(out_dir: Path) -> dict[str, tuple[int, str]]:
-    """scripts/gpu_check.sh --dry-run's parts: name -> (timeout, command)."""
+def gpu_check_parts(out_dir: Path, *names: str) -> dict[str, tuple[int, str]]:
+    """scripts/gpu_check.sh --dry-run's parts (all, or the named ones): name -> (timeout, command)."""
     result = subprocess.run(
-        ["bash", str(REPO / "scripts/gpu_check.sh"), "--dry-run", str(out_dir)], capture_output=True, text=True
+        ["bash", str(REPO / "scripts/gpu_check.sh"), "--dry-run", str(out_dir), *names], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     parts = {}
@@ -98,12 +99,34 @@ def gpu_check_parts(out_dir: Path) -> dict[str, tuple[int, str]]:
     return parts
 
 
-def test_gpu_check_lists_its_parts_within_the_budget(tmp_path):
+GPU_PARTS = ["gpu-layers", "gpu-qlora", "gpu-bf16", "gpu-engines", "gpu-deepspeed", "throughput-bf16",
+             "throughput-4bit"]  # fmt: skip
+
+
+def test_gpu_check_lists_its_parts_each_within_a_lease(tmp_path):
     parts = gpu_check_parts(tmp_path / "out")
-    assert list(parts) == ["gpu-tests", "throughput-bf16", "throughput-4bit"]
-    assert sum(timeout for timeout, _ in parts.values()) <= 9 * 60
-    assert parts["gpu-tests"][1].endswith(f"-m pytest -m gpu tests/gpu -v -s --junitxml={tmp_path}/out/gpu-tests.xml")
+    assert list(parts) == GPU_PARTS
+    # a lease has 15 minutes with the machine's start: the parts run in two leases, each part leaves time for a rerun
+    assert all(timeout <= 4 * 60 for timeout, _ in parts.values())
+    assert parts["gpu-layers"][1].endswith(f"-P -m pytest -m gpu -v -s -rs tests/gpu/test_gpu_layers.py "
+                                           f"--junitxml={tmp_path}/out/gpu-layers.xml")  # fmt: skip
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    assert list(gpu_check_parts(tmp_path / "out", "throughput-4bit", "gpu-qlora")) == ["gpu-qlora", "throughput-4bit"]
+    result = subprocess.run(["bash", str(REPO / "scripts/gpu_check.sh"), "--dry-run", str(tmp_path), "gpu-all"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and "no part named gpu-all" in result.stderr
+
+
+def test_gpu_check_trains_every_run_of_the_gpu_suite_in_exactly_one_part(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "tests/gpu/test_gpu_axolotl.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    groups = [re.search(r"GPU_RUNS=(\S+)", command) for _, command in gpu_check_parts(tmp_path).values()]
+    named = [run for group in groups if group for run in group[1].split(",")]
+    assert len(named) == len(set(named))
+    # flash-linchain and the ZeRO runs exist only where flash_attn and deepspeed import
+    optional = {"flash-linchain", "zero2-moslora", "zero3-linchain", "zero2-cola", "zero3-cola"}
+    assert set(suite.RUNS) | set(suite.DISTRIBUTED) <= set(named) <= set(suite.RUNS) | set(suite.DISTRIBUTED) | optional
 
 
 def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path):
@@ -146,14 +169,14 @@ exit 9
 
 
 def test_gpu_check_reports_each_part_and_the_results(tmp_path):
-    """The check's own control flow, with a stand-in interpreter that claims a GPU: a failing part does not stop the
-    next, and the summary gives every outcome, the MEASURED lines and the throughput tables."""
+    """The check's own control flow, with a stand-in interpreter that claims a GPU: only the named parts run, a failing
+    part does not stop the next, and the summary gives every outcome, the MEASURED lines and the throughput tables."""
     python = tmp_path / "python"
     python.write_text(STAND_IN_PYTHON)
     python.chmod(0o755)
     out = tmp_path / "out"
     result = subprocess.run(
-        ["bash", str(REPO / "scripts/gpu_check.sh"), str(out)],
+        ["bash", str(REPO / "scripts/gpu_check.sh"), str(out), "gpu-qlora", "throughput-bf16", "throughput-4bit"],
         env={**offline_env(), "PYTHON": str(python)},
         capture_output=True,
         text=True,
@@ -161,7 +184,8 @@ def test_gpu_check_reports_each_part_and_the_results(tmp_path):
     assert result.returncode == 1, result.stderr
     summary = result.stdout.split("== summary")[1]
     assert "(device: STAND-IN GPU)" in summary
-    assert re.search(r"gpu-tests: passed in \d+s", summary) and re.search(r"throughput-4bit: passed", summary)
+    assert re.search(r"gpu-qlora: passed in \d+s", summary) and re.search(r"throughput-4bit: passed", summary)
+    assert "gpu-layers" not in result.stdout and not (out / "gpu-layers.log").exists()
     assert re.search(r"throughput-bf16: FAILED \(exit 3\)", summary)
     assert "MEASURED stand-in figure: 1.0e-03" in summary and "| stand-in table |" in summary
     assert (out / "throughput-bf16.log").read_text() == "bf16 part failing\n"
