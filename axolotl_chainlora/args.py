@@ -7,9 +7,9 @@ rely on an earlier one). The rules on the adapter and the schedule themselves li
 `check_chain_settings` (config.py) and `ColaSchedule` (cola.py): these validators hand them the
 YAML's values, translated by the plugin's `chain_config_fields` and `cola_schedule`, and name the
 YAML keys. The `mode="before"` ones see the raw YAML: they rewrite what axolotl sets up for
-lora/qlora only and a chain adapter needs too (quantization, LoRA kernels, the legacy merge),
-refuse ReLoRA before axolotl's own ReLoRA checks ask for its settings, and warn about misspelled
-keys.
+lora/qlora only and a chain adapter needs too (quantization, LoRA kernels),
+refuse ReLoRA before axolotl's own ReLoRA checks ask for its settings and a plain-LoRA YAML on a saved
+chain adapter, and warn about misspelled keys.
 """
 
 from __future__ import annotations
@@ -21,15 +21,18 @@ from pydantic import BaseModel, Field, StrictFloat, StrictInt, model_validator
 from .cola import COLA_MERGE_MODES, LINK_WARMUP_UNDER_DEEPSPEED, ColaSchedule
 from .config import ChainLoraConfig, check_chain_settings
 from .cores import DEFAULT_LINCHAIN_FACTORS
+from .export import saved_chain_config
 from .log import LOG
 from .plugin import (
     CHAIN_ADAPTERS,
     COLA_ADAPTERS,
     builds_adapter,
     chain_config_fields,
+    chain_yaml_keys,
     cola_schedule,
     kernels_on,
     lora_kernels_obstacle,
+    reference_is_the_base,
     settle_lora_kernels,
     training_dtype,
     uses_chain_adapter,
@@ -285,6 +288,17 @@ class ChainLoraArgs(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def check_cola_merge_keeps_the_reference(self):
+        cfg = _Keys(self)
+        if uses_cola(cfg) and self.cola_merge == "base" and reference_is_the_base(cfg):
+            raise ValueError(
+                f"cola_merge: base with rl: {getattr(cfg.get('rl'), 'value', cfg.get('rl'))} would add finished links "
+                "into the base weights, and the trainer's reference model (the policy with its adapter disabled) "
+                "would move with them: use cola_merge: frozen (or auto)."
+            )
+        return self
+
+    @model_validator(mode="after")
     def check_cola_rank_step_down(self):
         cfg = _Keys(self)
         ranks = self.cola_ranks if uses_cola(cfg) else None
@@ -341,18 +355,20 @@ class ChainLoraArgs(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def use_legacy_merge(cls, data: Any) -> Any:
-        # the memory-efficient merge applies B A * s from the safetensors file and would drop the core
-        if not isinstance(data, dict) or not builds_adapter(data):
+    def check_lora_reads_no_chain_adapter(cls, data: Any) -> Any:
+        """adapter: lora/qlora would read a saved chain adapter through plain-LoRA machinery (axolotl's LoRA
+        kernels read B A without the core; its merge adds B A from the file): refused, naming the fix."""
+        if not isinstance(data, dict) or data.get("adapter") not in ("lora", "qlora") or uses_cola(data):
             return data
-        if data.get("merge_method") == "memory_efficient":
-            raise ValueError(
-                "merge_method: memory_efficient merges plain LoRA (B A) from the file and would drop the core of "
-                f"adapter: {data.get('adapter')} and COLA's tied links: use merge_method: legacy (the default for "
-                "chain adapters and COLA)."
-            )
-        data["merge_method"] = "legacy"
-        return data
+        saved = saved_chain_config(data["lora_model_dir"]) if data.get("lora_model_dir") else None
+        if saved is None:
+            return data
+        raise ValueError(
+            f"lora_model_dir={data['lora_model_dir']} holds a chain adapter (peft_type LORA_CHAIN, chain_type "
+            f"{saved.get('chain_type')}), which adapter: {data['adapter']} would read as plain LoRA: set "
+            f"{chain_yaml_keys(saved)}, or fold it into a plain LoRA first (axolotl-chainlora export "
+            f"{data['lora_model_dir']} OUT_DIR) and set lora_model_dir: OUT_DIR."
+        )
 
     @model_validator(mode="before")
     @classmethod

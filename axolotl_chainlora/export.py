@@ -24,7 +24,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ChainLoraConfig
+from .config import CHAIN_PEFT_TYPE, ChainLoraConfig
 from .cores import ChainCore
 from .layer import link_factors
 from .registration import trim_padded_links
@@ -175,6 +175,18 @@ def read_adapter(adapter_dir: Path) -> tuple[PeftConfig, dict[str, torch.Tensor]
             f"{weights} is not a readable safetensors file ({error}): it is truncated or damaged."
         ) from error
     return config, tensors
+
+
+def saved_chain_config(adapter_dir: str | os.PathLike) -> dict | None:
+    """The adapter_config.json of a chain adapter saved in `adapter_dir`; None for any other folder or adapter."""
+    config_file = Path(adapter_dir) / ADAPTER_CONFIG
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError:
+        return None  # not ours to judge: PEFT names the damage when it loads the folder
+    return config if isinstance(config, dict) and config.get("peft_type") == CHAIN_PEFT_TYPE else None
 
 
 def _require_chain_adapter(config: PeftConfig, source: str) -> None:

@@ -33,12 +33,15 @@ from .cores import DEFAULT_LINCHAIN_FACTORS, default_chain_dims
 from .export import ADAPTER_WEIGHTS, fold_to_lora
 from .kernels import kernels_read_chain_adapters, use_chain_lora_parameters
 from .log import LOG
+from .merge import use_folding_merge
 
 CHAIN_ADAPTERS = ("linchain", "moslora", "mtlora")
 # COLA runs on these; the plain ones through chain_type "lora"
 COLA_ADAPTERS = ("lora", "qlora", *CHAIN_ADAPTERS)
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
 PLAIN_LORA_DIR = "plain_lora"
+# preference trainers whose loss has no reference model
+REFERENCE_FREE_RL = ("orpo", "simpo")
 
 
 def uses_chain_adapter(cfg) -> bool:
@@ -56,16 +59,6 @@ def builds_adapter(cfg) -> bool:
     return uses_chain_adapter(cfg) or uses_cola(cfg)
 
 
-def cola_schedule(cfg) -> ColaSchedule:
-    """The ColaSchedule a YAML (raw or validated) sets with its `cola_*` keys; unset keys keep its defaults."""
-    settings = {field.name: cfg.get(f"cola_{field.name}") for field in dataclasses.fields(ColaSchedule)}
-    return ColaSchedule(**{
-        name: tuple(value) if isinstance(value, list) else value
-        for name, value in settings.items()
-        if value is not None
-    })  # fmt: skip
-
-
 def kernels_on(cfg) -> list[str]:
     """The lora_*_kernel keys that are on and read the adapter (chain layers adapt no embeddings)."""
     return [key for key in LORA_KERNELS[:3] if cfg.get(key)]
@@ -79,11 +72,41 @@ def training_dtype(cfg) -> torch.dtype:
     return precision.torch_dtype
 
 
+def reference_is_the_base(cfg) -> bool:
+    """Whether the trainer's reference model is the policy with its adapter disabled: axolotl passes TRL no
+    reference model for an adapter run, so DPO, IPO, KTO and GRPO with a KL term disable the adapter to compute
+    the reference log-probs."""
+    rl = getattr(cfg.get("rl"), "value", cfg.get("rl"))
+    if not rl or rl in REFERENCE_FREE_RL:
+        return False
+    trl = cfg.get("trl") or {}
+    beta = trl.get("beta") if isinstance(trl, dict) else getattr(trl, "beta", None)
+    return not (rl in ("grpo", "ebft") and beta == 0)
+
+
+def cola_merge(cfg) -> str:
+    """Where COLA's finished links go, `cola_merge` with `auto` resolved where the YAML decides it: beside the base
+    when the trainer's reference is the base (added into it, they would move the reference to the policy)."""
+    # the raw YAML's key: the schedule's own checks run later, in the validators
+    merge = cfg.get("cola_merge") or ColaSchedule.merge
+    return "frozen" if merge == "auto" and reference_is_the_base(cfg) else merge
+
+
+def cola_schedule(cfg) -> ColaSchedule:
+    """The ColaSchedule a YAML (raw or validated) sets with its `cola_*` keys; unset keys keep its defaults."""
+    settings = {field.name: cfg.get(f"cola_{field.name}") for field in dataclasses.fields(ColaSchedule)}
+    settings["merge"] = cola_merge(cfg)
+    return ColaSchedule(**{
+        name: tuple(value) if isinstance(value, list) else value
+        for name, value in settings.items()
+        if value is not None
+    })  # fmt: skip
+
+
 def ties_into_base(cfg) -> bool:
     """Whether COLA will add the tied links into the base weights (ColaCallback decides the same at the start of
     training, from the loaded weights) rather than keep them beside the base."""
-    # the raw YAML's key: the schedule's own checks run later, in the validators
-    merge = cfg.get("cola_merge") or ColaSchedule.merge
+    merge = cola_merge(cfg)
     if merge != "auto":
         return merge == "base"
     quantized = cfg.get("load_in_4bit") or cfg.get("load_in_8bit")
@@ -147,6 +170,22 @@ def chain_config_fields(cfg) -> dict[str, Any]:
     return fields
 
 
+def chain_yaml_keys(saved: dict) -> str:
+    """The YAML keys that build the adapter of a saved chain adapter_config.json (chain_config_fields' inverse)."""
+    chain_type = saved.get("chain_type")
+    if chain_type == "lora":
+        return "the cola_* keys of the COLA run that saved it (it holds tied links)"
+    adapter, _, structure = str(chain_type).partition("_")
+    keys = [f"adapter: {adapter}", f"lora_r: {saved.get('r')}"]
+    if structure:
+        keys.append(f"mtlora_structure: {structure}")
+    if saved.get("chain_dims"):
+        keys.append(f"linchain_dims: {saved['chain_dims']}")
+    if saved.get("chain_fused_splits"):
+        keys.append(f"mtlora_fused_splits: {saved['chain_fused_splits']}")
+    return ", ".join(keys)
+
+
 class ChainLoraPlugin(BasePlugin):
     """LinChain, MoSLoRA and MTLoRA adapters, and Chain of LoRA for any of them or plain LoRA, in axolotl.
 
@@ -172,6 +211,8 @@ class ChainLoraPlugin(BasePlugin):
         self._adapter_file_at_train_end: tuple | None = None
 
     def register(self, cfg):
+        # any config's merge-lora may read a chain adapter (lora_model_dir, or output_dir by default)
+        use_folding_merge()
         # axolotl turns its LoRA kernels on for lora/qlora before any plugin validator runs, unless the YAML
         # sets them: a COLA run on lora/qlora settles them here, on the raw YAML (the validator does the rest)
         if builds_adapter(cfg):

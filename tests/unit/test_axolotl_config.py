@@ -21,6 +21,7 @@ import yaml
 
 pytest.importorskip("axolotl", reason="the axolotl extra is not installed")
 
+import axolotl.cli.merge_lora as axolotl_merge_cli
 import torch
 from axolotl.cli.config import gpu_capabilities, load_cfg
 from axolotl.integrations import base as axolotl_plugins
@@ -29,7 +30,8 @@ from axolotl.utils.config import prepare_plugins, validate_config
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.schemas.config import AxolotlConfigWCapabilities
 from axolotl.utils.tee import close_debug_log
-from helpers import PLUGIN
+from helpers import PLUGIN, chain_config, tiny_llama
+from peft import LoraConfig, get_peft_model
 from pydantic import ValidationError
 from transformers import BitsAndBytesConfig
 
@@ -37,7 +39,8 @@ from axolotl_chainlora import ChainLoraConfig
 from axolotl_chainlora.args import ChainLoraArgs
 from axolotl_chainlora.demo import prepare_demo
 from axolotl_chainlora.log import LOG
-from axolotl_chainlora.plugin import ChainLoraPlugin, chain_config_fields
+from axolotl_chainlora.merge import axolotl_efficient_merge, merge_folded
+from axolotl_chainlora.plugin import ChainLoraPlugin, chain_config_fields, cola_schedule, ties_into_base
 
 # axolotl 0.21 loads entry-point plugins for every config; 0.19 only what `plugins:` lists
 FINDS_ENTRY_POINTS = hasattr(axolotl_plugins, "get_builtin_plugins")
@@ -325,10 +328,6 @@ def _combination_cases():
             {"flash_attn_fuse_mlp": True},
             [r"flash_attn_fuse_mlp cannot be used with adapter: {a}", r"Remove flash_attn_fuse_mlp\."],
         ),
-        (
-            {"merge_method": "memory_efficient"},
-            [r"merge_method: memory_efficient .* would drop the core of adapter: {a}", r"use merge_method: legacy"],
-        ),
         ({"load_in_4bit": True, "load_in_8bit": True}, [r"load_in_4bit and load_in_8bit are both set: choose one"]),
         (
             {"load_in_4bit": True, "model_kwargs": {"quantization_config": {"load_in_4bit": True}}},
@@ -428,19 +427,19 @@ def test_plain_lora_is_left_to_axolotl(tmp_path, base_yaml, monkeypatch, overrid
     assert not with_plugin.overrides_of_model_kwargs  # axolotl quantizes lora/qlora itself
 
 
-@pytest.mark.parametrize("adapter", list(ADAPTERS))
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        pytest.param({}, id="defaults"),
-        pytest.param({**{k: False for k in KERNELS}, "merge_method": "legacy"}, id="explicit-false-and-legacy"),
-    ],
-)
-def test_chain_adapter_merges_legacy(tmp_path, base_yaml, adapter, overrides):
-    cfg = load(tmp_path, base_yaml, **ADAPTERS[adapter], **overrides)
-    assert cfg.adapter == adapter
-    assert cfg.merge_method == "legacy"
+@pytest.mark.parametrize("adapter", [*ADAPTERS, "lora"])
+@pytest.mark.parametrize("merge_method", [None, "legacy", "memory_efficient"])
+def test_either_merge_method_is_kept_and_the_efficient_merge_folds_chain_adapters(
+    tmp_path, base_yaml, monkeypatch, adapter, merge_method
+):
+    monkeypatch.setattr(axolotl_merge_cli, "merge_lora_sharded_efficient", axolotl_efficient_merge)
+    overrides = {"merge_method": merge_method} if merge_method else {}
+    cfg = load(tmp_path, base_yaml, **({**ADAPTERS[adapter]} if adapter in ADAPTERS else {"adapter": adapter}),
+               **overrides)  # fmt: skip
+    assert cfg.adapter == adapter and cfg.merge_method == merge_method
     assert not cfg.overrides_of_model_kwargs and not cfg.load_in_4bit and not cfg.load_in_8bit
+    # registering the plugin, for any adapter, puts the fold in front of axolotl's efficient merge
+    assert axolotl_merge_cli.merge_lora_sharded_efficient is merge_folded
 
 
 def test_chain_keys_survive_validation(tmp_path, base_yaml):
@@ -526,7 +525,7 @@ def _revalidate_on_ray_worker(cfg: DictDefault) -> DictDefault:
 def test_validated_chain_cfg_revalidates_on_a_ray_worker(tmp_path, base_yaml):
     cfg = load(tmp_path, base_yaml, use_ray=True, linchain_n=2)
     again = _revalidate_on_ray_worker(cfg)
-    assert (again.adapter, again.linchain_n, again.merge_method) == ("linchain", 2, "legacy")
+    assert (again.adapter, again.linchain_n) == ("linchain", 2)
     assert all(again[kernel] is cfg[kernel] for kernel in KERNELS)
 
 
@@ -631,7 +630,7 @@ def test_plugins_line_does_not_register_twice(tmp_path, base_yaml, plugins):
 def test_shipped_demo_config_validates(demo_dir, monkeypatch):
     monkeypatch.chdir(demo_dir)  # its paths are relative to the YAML's folder
     cfg = load_cfg("config.yml")
-    assert (cfg.adapter, cfg.lora_r, cfg.chain_export_lora, cfg.merge_method) == ("linchain", R, True, "legacy")
+    assert (cfg.adapter, cfg.lora_r, cfg.chain_export_lora) == ("linchain", R, True)
     # axolotl's LoRA kernels are Triton GPU kernels
     assert all(cfg[kernel] is torch.cuda.is_available() for kernel in KERNELS)
     assert len(chain_plugins()) == 1
@@ -714,9 +713,6 @@ COLA = {"adapter": "lora", "cola_links": 3}
             id="kernel-dropout-frozen",
         ),
         pytest.param(
-            {"merge_method": "memory_efficient"}, [r"merge_method: memory_efficient merges plain LoRA"], id="memeff"
-        ),
-        pytest.param(
             {"adapter": "linchain", "cola_ranks": [8, 4, 4], "linchain_dims": [8, 16, 8]},
             [r"cola_ranks steps the rank down, but linchain_dims fixes the rank"],
             id="ranks-dims",
@@ -747,14 +743,13 @@ def test_a_rank_step_down_validates_on_every_engine_and_with_fused_splits(tmp_pa
 
 
 @pytest.mark.parametrize("adapter", ["lora", "qlora", "linchain"])
-def test_cola_cfg_validates_with_legacy_merge(tmp_path, base_yaml, adapter):
+def test_cola_cfg_validates(tmp_path, base_yaml, adapter):
     extra = {"load_in_4bit": True} if adapter == "qlora" else {}
     settings = {"cola_knots": [0.5, 0.8], "cola_ranks": [8, 4, 4], "cola_merge": "frozen",
                 "cola_link_warmup_steps": 5, "cola_reset_optimizer": True}  # fmt: skip
     cfg = load(tmp_path, base_yaml, **{**COLA, "adapter": adapter, **settings, **extra})
     assert (cfg.cola_links, cfg.cola_knots, cfg.cola_ranks) == (3, [0.5, 0.8], [8, 4, 4])
     assert (cfg.cola_merge, cfg.cola_link_warmup_steps, cfg.cola_reset_optimizer) == ("frozen", 5, True)
-    assert cfg.merge_method == "legacy"
 
 
 # ---------------------------------------------------------------- axolotl's LoRA kernels
@@ -893,3 +888,83 @@ def test_our_validators_do_not_replace_axolotls():
     ours = set(ChainLoraArgs.__pydantic_decorators__.model_validators)
     axolotl = set(AxolotlConfigWCapabilities.__pydantic_decorators__.model_validators)
     assert "check_relora" in axolotl and ours and not ours & axolotl
+
+
+# ---------------------------------------------------------------- COLA under preference trainers
+
+
+@pytest.mark.parametrize(
+    ("rl", "trl", "merge"),
+    [
+        pytest.param(None, None, "auto", id="sft"),
+        pytest.param("dpo", None, "frozen", id="dpo"),
+        pytest.param("ipo", None, "frozen", id="ipo"),
+        pytest.param("kto", None, "frozen", id="kto"),
+        pytest.param("orpo", None, "auto", id="orpo-reference-free"),
+        pytest.param("simpo", None, "auto", id="simpo-reference-free"),
+        pytest.param("grpo", {"beta": 0.04}, "frozen", id="grpo-with-kl"),
+        pytest.param("grpo", {"beta": 0.0}, "auto", id="grpo-without-kl"),
+    ],
+)
+def test_cola_auto_keeps_links_beside_the_base_where_the_reference_is_the_disabled_adapter(rl, trl, merge):
+    """cola_merge: auto on a float32 base ties into the base, unless the trainer's reference model is the policy
+    with its adapter disabled (which the tie would move to the policy)."""
+    cfg = {"adapter": "linchain", "cola_links": 2, "rl": rl, "trl": trl}
+    assert cola_schedule(cfg).merge == merge
+    assert ties_into_base(cfg) is (merge == "auto")
+    # a DPO run that asks for base explicitly is refused (below), not rewritten
+    assert cola_schedule({**cfg, "cola_merge": "base"}).merge == "base"
+
+
+@pytest.mark.parametrize("rl", ["dpo", "kto"])
+def test_cola_merge_base_is_refused_where_the_reference_is_the_disabled_adapter(tmp_path, base_yaml, rl):
+    settings = {"adapter": "linchain", "cola_links": 2, "cola_merge": "base", "rl": rl, "remove_unused_columns": False}
+    refused(tmp_path, base_yaml, [rf"cola_merge: base with rl: {rl} would add finished links into the base weights",
+                                  r"use cola_merge: frozen \(or auto\)"], **settings)  # fmt: skip
+    # the reference-free ORPO may tie into the base
+    assert validated(tmp_path, base_yaml, **{**settings, "rl": "orpo"}).cola_merge == "base"
+
+
+# ---------------------------------------------------------------- adapter: lora on a saved chain adapter
+
+
+@pytest.fixture(scope="module")
+def saved_adapters(tmp_path_factory) -> dict[str, str]:
+    """A saved LinChain-2 adapter, an MTLoRA-CTCM one, a COLA run's one on plain LoRA and a plain PEFT LoRA."""
+    path = tmp_path_factory.mktemp("adapters")
+    configs = {
+        "linchain": chain_config("linchain"),
+        "mtlora": chain_config("mtlora_ctcm"),
+        "cola-lora": chain_config("lora", cola_tied_ranks=[4]),
+        "plain": LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    }
+    for name, config in configs.items():
+        get_peft_model(tiny_llama(), config).save_pretrained(path / name)
+    return {name: str(path / name) for name in configs}
+
+
+@pytest.mark.parametrize(
+    ("saved", "adapter", "fix"),
+    [
+        ("linchain", "lora", r"set adapter: linchain, lora_r: 4, linchain_dims: \[4, 8, 4\]"),
+        ("linchain", "qlora", r"set adapter: linchain, lora_r: 4"),
+        ("mtlora", "lora", r"set adapter: mtlora, lora_r: 4, mtlora_structure: ctcm"),
+        ("cola-lora", "lora", r"set the cola_\* keys of the COLA run that saved it"),
+    ],
+)
+def test_lora_yaml_on_a_saved_chain_adapter_is_refused_naming_the_fix(
+    tmp_path, base_yaml, saved_adapters, saved, adapter, fix
+):
+    directory = saved_adapters[saved]
+    extra = {"load_in_4bit": True} if adapter == "qlora" else {}
+    refused(tmp_path, base_yaml, [
+        rf"lora_model_dir={re.escape(directory)} holds a chain adapter \(peft_type LORA_CHAIN", fix,
+        rf"or fold it into a plain LoRA first \(axolotl-chainlora export {re.escape(directory)} OUT_DIR\)",
+    ], adapter=adapter, lora_model_dir=directory, **extra)  # fmt: skip
+
+
+def test_lora_yaml_on_a_plain_lora_and_a_cola_yaml_on_its_own_adapter_validate(tmp_path, base_yaml, saved_adapters):
+    cfg = load(tmp_path, base_yaml, adapter="lora", lora_model_dir=saved_adapters["plain"])
+    assert cfg.lora_model_dir == saved_adapters["plain"]
+    cfg = load(tmp_path, base_yaml, **COLA, lora_model_dir=saved_adapters["cola-lora"])
+    assert cfg.lora_model_dir == saved_adapters["cola-lora"]

@@ -95,6 +95,24 @@ def test_base_merge_changes_the_base_weights_and_frozen_keeps_them(input_ids):
                 torch.testing.assert_close(tied, expected[name], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("chain_type", ["lora", "linchain"])
+def test_with_frozen_links_the_disabled_adapter_stays_the_base_model_after_knots(chain_type, input_ids):
+    """TRL's reference for an adapter run (DPO, IPO, KTO) is the policy with its adapter disabled: after knots that
+    keep the links frozen it is still the base model the run started from (a fresh copy, independent of the
+    adapter); links tied into the base (the negative control) move it to the policy."""
+    base_logits = logits_of(tiny_llama(), input_ids)
+    for merge in ("frozen", "base"):
+        model = chain_model(chain_type, chain_dims=None)
+        for step in (1, 2):
+            knot(model, merge, step=step)
+            randomize_adapters(model, seed=step)  # the new link trains
+        with model.disable_adapter():
+            reference = logits_of(model, input_ids)
+        diff = (reference - base_logits).abs().max().item()
+        print(f"{chain_type} {merge}: disabled adapter vs base after two knots: max abs diff {diff:.2e}")
+        assert diff == 0 if merge == "frozen" else diff > 1e-2
+
+
 @pytest.mark.parametrize("merge", ["base", "frozen"])
 def test_fused_qkv_knot_is_exact(merge, input_ids):
     model = chain_model(

@@ -24,6 +24,7 @@ LAYERS = (
     "export",
     "__init__",
     "kernels",
+    "merge",
     "plugin",
     "args",
     "demo",
