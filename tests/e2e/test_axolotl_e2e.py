@@ -65,6 +65,9 @@ CORE_SHAPES = {
 }
 FLOAT_RUNS = [name for name, changes in RUNS.items() if not changes.get("load_in_4bit")]
 MAX_LOGIT_DIFF = 1e-5
+# axolotl's NF4 round trip at merge time against bitsandbytes' dequantization in forward (measured: 5.6e-4; the
+# legacy merge onto the unquantized base: 8.5e-3)
+NF4_MERGE_TOLERANCE = 1e-3
 MIN_LOSS_DROP = 0.2  # measured drop after 20 steps: about 0.48 for every run
 
 
@@ -210,43 +213,72 @@ def test_reload_is_deterministic_and_matches_float64_reference(workspace, traine
     assert (without_core - expected).abs().max().item() > 1e-3
 
 
-# ---------------------------------------------------------------- 3. merge-lora (and 5. its refusal)
+# ---------------------------------------------------------------- 3. merge-lora
 
 
 @pytest.fixture(scope="module")
 def merges(workspace, trained) -> dict[str, subprocess.CompletedProcess]:
+    """merge-lora of every run (axolotl's default, memory-efficient merge), of the 4-bit run by the legacy merge,
+    and of the linchain adapter from a YAML that says adapter: lora (output_dir read by default, and lora_model_dir
+    given on the command line, refused); each on its own copy of the adapter, so that its merged/ is its own."""
     for name in RUNS:
         trained_run(trained, name)
     jobs = {f"merge-{name}": ["merge-lora", f"{name}.yml"] for name in RUNS}
-    # the refusal of test 5, on a copy of the linchain adapter so that a merged/ there would be its own
-    shutil.copytree(workspace / "out-linchain", workspace / "out-memeff", ignore=shutil.ignore_patterns("merged"))
-    memeff = write_config(workspace, "memeff", **RUNS["linchain"], merge_method="memory_efficient")
-    jobs["merge-memeff"] = ["merge-lora", memeff]
+    copies = {"4bit-legacy": ("linchain-4bit", {"merge_method": "legacy"}), "as-lora": ("linchain", {})}
+    for copy, (name, changes) in copies.items():
+        shutil.copytree(workspace / f"out-{name}", workspace / f"out-{copy}", ignore=shutil.ignore_patterns("merged"))
+        jobs[f"merge-{copy}"] = ["merge-lora", write_config(workspace, copy, **RUNS[name], **changes)]
+    jobs["merge-as-lora"][1] = write_config(workspace, "as-lora", adapter="lora", chain_export_lora=None)
+    as_lora_dir = write_config(workspace, "as-lora-dir", adapter="lora", chain_export_lora=None)
+    jobs["merge-as-lora-dir"] = ["merge-lora", as_lora_dir, "--lora-model-dir", "./out-linchain"]
     return run_all(workspace, jobs)
 
 
-@pytest.mark.slow  # alone, with the train and merge-lora runs it needs: about 80 s
-@pytest.mark.parametrize("name", list(RUNS))
-def test_merge_lora_gives_the_adapter_logits(workspace, merges, chain_logits, probe, name):
+def merged_logits(workspace, merges, probe, name: str) -> torch.Tensor:
     require_success(merges[f"merge-{name}"], f"axolotl merge-lora ({name})")
     merged_dir = workspace / f"out-{name}" / "merged"
-    merged_config = json.loads((merged_dir / "config.json").read_text())
     # merge-lora loads the base unquantized, also for the 4-bit run: the merged model is plain float
-    assert "quantization_config" not in merged_config
+    assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     assert not any(".lora_" in key for key in merged.state_dict())
-    # chain_logits: the adapter applied to the unquantized float32 base
-    diff = (logits_of(merged, probe) - chain_logits[name]).abs().max().item()
-    print(f"{name}: merged vs adapter logits: max abs diff {diff:.2e}")
-    assert diff <= MAX_LOGIT_DIFF
+    return logits_of(merged, probe)
 
 
 @pytest.mark.slow  # alone, with the train and merge-lora runs it needs: about 80 s
-def test_merge_lora_refuses_memory_efficient_merge(workspace, merges):
-    result = merges["merge-memeff"]
+@pytest.mark.parametrize("name", [*FLOAT_RUNS, "as-lora"])
+def test_merge_lora_gives_the_adapter_logits(workspace, merges, chain_logits, probe, name):
+    """axolotl's memory-efficient merge of the plain-LoRA fold; `as-lora`: the linchain adapter merged from a YAML
+    that says adapter: lora (axolotl alone would add B A from the file, without the core)."""
+    # chain_logits: the adapter applied to the unquantized float32 base
+    diff = (merged_logits(workspace, merges, probe, name) - chain_logits[name.replace("as-lora", "linchain")]).abs()
+    print(f"{name}: merged vs adapter logits: max abs diff {diff.max().item():.2e}")
+    assert diff.max().item() <= MAX_LOGIT_DIFF
+    assert "is a chain adapter: merging its exact plain-LoRA fold" in output_of(merges[f"merge-{name}"])
+
+
+@pytest.mark.slow  # alone, with the train and merge-lora runs it needs: about 80 s
+def test_merge_after_4bit_training_gives_the_model_that_was_trained(workspace, merges, chain_logits, probe):
+    """The default merge rounds the base through NF4 as training saw it (axolotl's qlora merge), so the merged
+    model is the trained one: the adapter on the NF4 base. The legacy merge (the negative control) adds the same
+    update to the unquantized base: it gives the adapter on that base instead, and misses the trained model."""
+    trained_model = logits_of(load_chain(workspace, "linchain-4bit", quantized=True), probe)
+    merged = merged_logits(workspace, merges, probe, "linchain-4bit")
+    legacy = merged_logits(workspace, merges, probe, "4bit-legacy")
+    to_trained = (merged - trained_model).abs().max().item()
+    legacy_to_trained = (legacy - trained_model).abs().max().item()
+    legacy_to_unquantized = (legacy - chain_logits["linchain-4bit"]).abs().max().item()
+    print(f"linchain-4bit: merged vs trained (NF4 base + adapter) logits: max abs diff {to_trained:.2e}; legacy merge "
+          f"vs trained {legacy_to_trained:.2e}, vs the adapter on the unquantized base {legacy_to_unquantized:.2e}")
+    assert to_trained <= NF4_MERGE_TOLERANCE
+    assert legacy_to_trained > 5 * to_trained and legacy_to_unquantized <= MAX_LOGIT_DIFF
+
+
+@pytest.mark.slow  # alone, with the train and merge-lora runs it needs: about 80 s
+def test_merge_lora_refuses_a_lora_yaml_given_a_chain_adapter_dir(workspace, merges):
+    result = merges["merge-as-lora-dir"]
     assert result.returncode != 0
-    assert "merge_method: memory_efficient" in output_of(result)
-    assert not (workspace / "out-memeff" / "merged").exists()
+    assert "lora_model_dir=./out-linchain holds a chain adapter (peft_type LORA_CHAIN" in output_of(result)
+    assert not (workspace / "out-as-lora-dir").exists()
 
 
 # ---------------------------------------------------------------- 4. plain-LoRA fold in plain PEFT
@@ -309,11 +341,15 @@ def test_plain_lora_fold_loads_in_plain_peft_with_the_chain_logits(
 BAD_CONFIGS = {
     "no-structure": ({"adapter": "mtlora"}, "mtlora_structure"),
     "bad-dims": ({"adapter": "linchain", "linchain_dims": [8, 16, 4]}, "linchain_dims"),
+    # axolotl's LoRA kernels, where on, would compute B A without the core
+    "lora-on-chain": ({"adapter": "lora", "chain_export_lora": None, "lora_model_dir": "./out-linchain"},
+                      "lora_model_dir"),
 }
 
 
 @pytest.fixture(scope="module")
-def bad_config_runs(workspace) -> dict[str, subprocess.CompletedProcess]:
+def bad_config_runs(workspace, trained) -> dict[str, subprocess.CompletedProcess]:
+    trained_run(trained, "linchain")
     jobs = {
         f"train-{name}": ["train", write_config(workspace, name, **changes)]
         for name, (changes, _) in BAD_CONFIGS.items()
