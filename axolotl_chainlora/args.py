@@ -202,6 +202,7 @@ class ChainLoraArgs(BaseModel):
         refusals = {
             "gptq": "GPTQ layers are not supported by chain adapters; use load_in_4bit (bitsandbytes) instead",
             "flash_attn_fuse_mlp": "the fused MLP bypasses the adapted layers",
+            "use_onebitllms": "axolotl swaps the linear layers for BitNet ones, which it refuses for LoRA/QLoRA too",
         }
         _refuse(cfg, refusals, f"adapter: {cfg.get('adapter')}")
         if getattr(cfg.get("peft"), "loftq_config", None):
@@ -210,6 +211,42 @@ class ChainLoraArgs(BaseModel):
                 f"remove it for adapter: {cfg.get('adapter')}."
             )
         return self
+
+    @model_validator(mode="after")
+    def check_vllm_weight_sync(self):
+        """GRPO's vLLM sync must see the adapter through PEFT's merge (the chain layers merge B T A and the tied
+        links exactly); axolotl's asynchronous trainer instead adds s B A from lora_A and lora_B itself, and
+        vllm_lora_sync posts the saved adapter, whose cores vLLM does not load."""
+        cfg = _Keys(self)
+        trl = cfg.get("trl")
+        if not builds_adapter(cfg) or not getattr(trl, "use_vllm", False):
+            return self
+        setting = "cola_links" if uses_cola(cfg) else f"adapter: {cfg.get('adapter')}"
+        for key in ("async_prefetch", "use_data_producer", "vllm_lora_sync"):
+            if getattr(trl, key, False):
+                raise ValueError(
+                    f"trl.{key} cannot be used with trl.use_vllm and {setting}: axolotl's "
+                    + ("LoRA sync posts the saved adapter, whose cores and tied links vLLM cannot load"
+                       if key == "vllm_lora_sync" else "asynchronous GRPO sends vLLM W + s B A, without the core and "
+                       "the tied links")
+                    + f". Remove trl.{key}: the synchronous trainer merges the adapter exactly before each sync."
+                )  # fmt: skip
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_rl_reentrant_checkpointing(cls, data: Any) -> Any:
+        # axolotl's refusal for qlora (an upstream TRL bug), for a chain adapter on a 4-bit base
+        if not isinstance(data, dict) or not uses_chain_adapter(data) or not data.get("load_in_4bit"):
+            return data
+        reentrant = (data.get("gradient_checkpointing_kwargs") or {}).get("use_reentrant")
+        gpus = (data.get("capabilities") or {}).get("n_gpu", 1)
+        if data.get("rl") and data.get("gradient_checkpointing") and reentrant and gpus > 1:
+            raise ValueError(
+                f"gradient_checkpointing_kwargs.use_reentrant: true is not supported for distributed RL training of "
+                f"adapter: {data['adapter']} on a 4-bit base (as for QLoRA, a TRL bug): set use_reentrant: false."
+            )
+        return data
 
     # ---- the COLA keys
 

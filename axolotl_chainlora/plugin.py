@@ -24,8 +24,10 @@ from axolotl.utils.config import resolve_dtype
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.schemas.config import AxolotlConfigWCapabilities
 from axolotl.utils.train import determine_last_checkpoint
-from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+import peft.utils.other as peft_other
+from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import TrainerCallback, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .cola import ColaCallback, ColaSchedule
 from .config import ChainLoraConfig
@@ -170,6 +172,43 @@ def chain_config_fields(cfg) -> dict[str, Any]:
     return fields
 
 
+def refuse_what_axolotl_misnames(cfg) -> None:
+    """Refusals axolotl makes with a message that misleads for chain adapters: a chain adapter's name in the wrong
+    case ("not registered by a plugin"), and lora_fp32_gradients ("requires a LoRA adapter")."""
+    adapter = cfg.get("adapter")
+    if isinstance(adapter, str) and adapter not in CHAIN_ADAPTERS and adapter.lower() in CHAIN_ADAPTERS:
+        raise ValueError(f"adapter: {adapter} is not an adapter name (they are lower case): set adapter: {adapter.lower()}.")
+    if uses_chain_adapter(cfg) and cfg.get("lora_fp32_gradients"):
+        raise ValueError(
+            f"lora_fp32_gradients cannot be used with adapter: {adapter}: axolotl applies it to lora/qlora only. "
+            "The chain adapters' weights train in float32 already (PEFT's autocast_adapter_dtype); remove "
+            "lora_fp32_gradients."
+        )
+
+
+def kbit_preparation_skipped(cfg) -> str | None:
+    """Why axolotl would not prepare this quantized base for k-bit training (ModelLoader._prepare_model_for_
+    quantization: every shard must keep one dtype under FSDP with a 4-bit base or CPU-RAM-efficient loading,
+    and under ZeRO-3); None where it would."""
+    fsdp = cfg.fsdp_config is not None or cfg.fsdp is not None
+    if fsdp and cfg.load_in_4bit:
+        return "under FSDP"
+    if fsdp and (cfg.fsdp_config or {}).get("cpu_ram_efficient_loading"):
+        return "under FSDP with cpu_ram_efficient_loading"
+    if is_deepspeed_zero3_enabled():
+        return "under DeepSpeed ZeRO-3"
+    return None
+
+
+def cast_float8_adapter_weights(model, cfg) -> None:
+    """Trainable adapter weights made float8 from an FP8 base's (peft_autocast_adapter_dtype: false) in the
+    training dtype, as axolotl's load_lora casts them for lora/qlora: optimizers cannot step float8."""
+    fallback = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.float8_e4m3fn:
+            param.data = param.data.to(cfg.torch_dtype or fallback)
+
+
 def chain_yaml_keys(saved: dict) -> str:
     """The YAML keys that build the adapter of a saved chain adapter_config.json (chain_config_fields' inverse)."""
     chain_type = saved.get("chain_type")
@@ -211,6 +250,8 @@ class ChainLoraPlugin(BasePlugin):
         self._adapter_file_at_train_end: tuple | None = None
 
     def register(self, cfg):
+        # on the raw YAML, before axolotl's own validators, whose messages would mislead here
+        refuse_what_axolotl_misnames(cfg)
         # any config's merge-lora may read a chain adapter (lora_model_dir, or output_dir by default)
         use_folding_merge()
         # axolotl turns its LoRA kernels on for lora/qlora before any plugin validator runs, unless the YAML
@@ -234,12 +275,23 @@ class ChainLoraPlugin(BasePlugin):
             )
 
     def post_model_build(self, cfg, model):
-        # axolotl quantizes and prepares lora/qlora bases itself
-        if not uses_chain_adapter(cfg) or not (cfg.load_in_4bit or cfg.load_in_8bit):
+        # what axolotl's loader does for lora/qlora bases only (ModelLoader._apply_post_model_load_setup)
+        if not uses_chain_adapter(cfg):
+            return
+        if cfg.gradient_checkpointing:
+            # activation_offloading turns the Trainer's checkpointing off: axolotl turns it on for lora/qlora here
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs)
+        if not (cfg.load_in_4bit or cfg.load_in_8bit):
             return
         _require_quantized_base(cfg, model)
-        # what axolotl's qlora path does (norms in float32, input grads for checkpointing)
-        prepare_model_for_kbit_training(
+        skipped = kbit_preparation_skipped(cfg)
+        if skipped:
+            LOG.info("adapter: %s: prepare_model_for_kbit_training skipped, as axolotl does for qlora %s", cfg.adapter,
+                     skipped)  # fmt: skip
+            return
+        # norms in float32, input grads for checkpointing; looked up now, so that axolotl's patched version (which
+        # leaves the embeddings' dtype alone) runs where axolotl installed it
+        peft_other.prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=bool(cfg.gradient_checkpointing),
             gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs,
@@ -258,11 +310,14 @@ class ChainLoraPlugin(BasePlugin):
             peft_kwargs["autocast_adapter_dtype"] = cfg.peft_autocast_adapter_dtype
         if cfg.lora_model_dir:
             _require_same_chain(cfg, config, PeftConfig.from_pretrained(cfg.lora_model_dir))
+            if cfg.lora_on_cpu:  # as axolotl's load_lora
+                peft_kwargs.update(max_memory={"cpu": "256GiB"}, device_map={"": "cpu"})
             model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=not inference, **peft_kwargs)
         else:
             if cfg.seed is not None:
                 set_seed(cfg.seed)
             model = get_peft_model(model, config, **peft_kwargs)
+        cast_float8_adapter_weights(model, cfg)
         model.print_trainable_parameters()
         return model, config
 

@@ -328,6 +328,10 @@ def _combination_cases():
             {"flash_attn_fuse_mlp": True},
             [r"flash_attn_fuse_mlp cannot be used with adapter: {a}", r"Remove flash_attn_fuse_mlp\."],
         ),
+        (
+            {"use_onebitllms": True},
+            [r"use_onebitllms cannot be used with adapter: {a}: axolotl swaps the linear layers for BitNet ones"],
+        ),
         ({"load_in_4bit": True, "load_in_8bit": True}, [r"load_in_4bit and load_in_8bit are both set: choose one"]),
         (
             {"load_in_4bit": True, "model_kwargs": {"quantization_config": {"load_in_4bit": True}}},
@@ -968,3 +972,53 @@ def test_lora_yaml_on_a_plain_lora_and_a_cola_yaml_on_its_own_adapter_validate(t
     assert cfg.lora_model_dir == saved_adapters["plain"]
     cfg = load(tmp_path, base_yaml, **COLA, lora_model_dir=saved_adapters["cola-lora"])
     assert cfg.lora_model_dir == saved_adapters["cola-lora"]
+
+
+# ---------------------------------------------------------------- what axolotl refuses for lora/qlora, or misnames
+
+
+@pytest.mark.parametrize("adapter", ["LinChain", "MOSLORA"])
+def test_a_chain_adapter_in_the_wrong_case_is_named(tmp_path, base_yaml, adapter):
+    with pytest.raises(ValueError, match=rf"adapter: {adapter} is not an adapter name \(they are lower case\): set "
+                                         rf"adapter: {adapter.lower()}\."):  # fmt: skip
+        load(tmp_path, base_yaml, adapter=adapter)
+
+
+def test_lora_fp32_gradients_is_refused_naming_why(tmp_path, base_yaml):
+    with pytest.raises(ValueError, match=r"lora_fp32_gradients cannot be used with adapter: linchain: axolotl applies "
+                                         r"it to lora/qlora only.*remove lora_fp32_gradients"):  # fmt: skip
+        load(tmp_path, base_yaml, lora_fp32_gradients=True)
+
+
+GRPO_VLLM = {"rl": "grpo", "trl": {"use_vllm": True, "vllm_mode": "server"}}
+
+
+@pytest.mark.parametrize("setting", [{"adapter": "linchain"}, {"adapter": "lora", "cola_links": 2}])
+@pytest.mark.parametrize("key", ["async_prefetch", "use_data_producer", "vllm_lora_sync"])
+def test_vllm_syncs_that_bypass_the_merge_are_refused(tmp_path, base_yaml, setting, key):
+    trl = {**GRPO_VLLM["trl"], key: True}
+    refused(tmp_path, base_yaml, [rf"trl\.{key} cannot be used with trl\.use_vllm and", rf"Remove trl\.{key}"],
+            **{**GRPO_VLLM, **setting, "trl": trl})  # fmt: skip
+
+
+def test_the_synchronous_vllm_sync_validates(tmp_path, base_yaml):
+    cfg = validated(tmp_path, base_yaml, **GRPO_VLLM)
+    assert cfg.trl.use_vllm and not cfg.trl.async_prefetch
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_distributed_rl_with_reentrant_checkpointing_on_a_4bit_chain_adapter_is_refused(tmp_path, base_yaml, gpus):
+    """axolotl's refusal for qlora (a TRL bug), made for a chain adapter on a 4-bit base too."""
+    settings = {"rl": "dpo", "load_in_4bit": True, "gradient_checkpointing": True,
+                "gradient_checkpointing_kwargs": {"use_reentrant": True}}  # fmt: skip
+    cfg = DictDefault(yaml.safe_load(open(write_yaml(tmp_path, base_yaml, **settings))))
+    PluginManager._instance = None
+    prepare_plugins(cfg)
+    capabilities, env_capabilities = gpu_capabilities()
+    capabilities = {**capabilities, "n_gpu": gpus}
+    if gpus == 1:
+        assert validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities).load_in_4bit
+        return
+    with pytest.raises(ValidationError, match=r"use_reentrant: true is not supported for distributed RL training of "
+                                              r"adapter: linchain on a 4-bit base.*set use_reentrant: false"):  # fmt: skip
+        validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities)

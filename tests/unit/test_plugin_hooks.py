@@ -9,14 +9,18 @@ import sys
 import types
 
 import axolotl.kernels.lora as axolotl_lora
+import bitsandbytes as bnb
+import peft.utils.other as peft_other
 import pytest
 import torch
 from axolotl.utils.dict import DictDefault
 from helpers import ALPHA, TARGETS, R, tiny_llama
 from peft import LoraConfig, get_peft_model
 
+import axolotl_chainlora.plugin as plugin_module
 from axolotl_chainlora import ChainLoraConfig, ChainLoraPlugin
 from axolotl_chainlora.kernels import axolotl_lora_parameters, chain_lora_parameters
+from axolotl_chainlora.plugin import cast_float8_adapter_weights
 
 
 @pytest.mark.parametrize("adapter", [None, "lora", "qlora"])
@@ -98,3 +102,61 @@ def test_cola_rebuild_draws_the_first_link_from_the_seed():
     # negative control: without a seed the draw follows whatever ran before
     unseeded, unseeded_again = first_link_after_cola_rebuild(None, 0), first_link_after_cola_rebuild(None, 1)
     assert not any(torch.equal(unseeded[name], unseeded_again[name]) for name in unseeded)
+
+
+# ---------------------------------------------------------------- what axolotl's loader does for lora/qlora only
+
+
+@pytest.mark.parametrize(("adapter", "checkpointing"), [("linchain", True), ("linchain", False), ("lora", True)])
+def test_a_chain_adapter_gets_gradient_checkpointing_at_load_as_lora_does(adapter, checkpointing):
+    """axolotl turns checkpointing on at load for lora/qlora (activation_offloading turns the Trainer's off); for lora
+    it does so itself, so the plugin leaves it alone."""
+    model = tiny_llama()
+    cfg = DictDefault(adapter=adapter, gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=None)
+    ChainLoraPlugin().post_model_build(cfg, model)
+    assert model.is_gradient_checkpointing is (adapter == "linchain" and checkpointing)
+
+
+@pytest.fixture
+def kbit_preparations(monkeypatch) -> list:
+    """The calls of peft's prepare_model_for_kbit_training, by the name axolotl's patched version replaces."""
+    calls = []
+    monkeypatch.setattr(peft_other, "prepare_model_for_kbit_training", lambda model, **kwargs: calls.append(kwargs))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("settings", "prepared"),
+    [
+        pytest.param({"load_in_4bit": True}, True, id="4bit"),
+        pytest.param({"load_in_4bit": True, "fsdp_config": {"fsdp_version": 2}}, False, id="4bit-fsdp"),
+        pytest.param({"load_in_8bit": True, "fsdp_config": {"fsdp_version": 2}}, True, id="8bit-fsdp"),
+        pytest.param({"load_in_8bit": True, "fsdp_config": {"cpu_ram_efficient_loading": True}}, False,
+                     id="8bit-fsdp-cpu-ram-efficient"),  # fmt: skip
+        pytest.param({"load_in_4bit": True, "zero3": True}, False, id="4bit-zero3"),
+    ],
+)
+def test_kbit_preparation_runs_where_axolotl_runs_it_for_qlora(kbit_preparations, monkeypatch, settings, prepared):
+    settings = dict(settings)
+    monkeypatch.setattr(plugin_module, "is_deepspeed_zero3_enabled", lambda: settings.pop("zero3", False))
+    model = tiny_llama()
+    model.add_module("quantized", bnb.nn.Linear4bit(8, 8) if settings.get("load_in_4bit") else bnb.nn.Linear8bitLt(8, 8))
+    cfg = DictDefault(adapter="moslora", gradient_checkpointing=True, gradient_checkpointing_kwargs=None, **settings)
+    ChainLoraPlugin().post_model_build(cfg, model)
+    assert kbit_preparations == ([{"use_gradient_checkpointing": True, "gradient_checkpointing_kwargs": None}]
+                                 if prepared else [])  # fmt: skip
+
+
+def test_float8_adapter_weights_train_in_the_training_dtype():
+    """As axolotl's load_lora does for lora/qlora on an FP8 base with peft_autocast_adapter_dtype: false."""
+    model = get_peft_model(tiny_llama(), ChainLoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS,
+                                                         chain_type="moslora"))  # fmt: skip
+    model.base_model.model.lm_head.weight.data = model.base_model.model.lm_head.weight.data.to(torch.float8_e4m3fn)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.float8_e4m3fn)
+    cast_float8_adapter_weights(model, DictDefault(torch_dtype=torch.bfloat16))
+    dtypes = {name: param.dtype for name, param in model.named_parameters()}
+    assert {dtypes[name] for name, param in model.named_parameters() if param.requires_grad} == {torch.bfloat16}
+    assert any(".lora_core." in name for name, param in model.named_parameters() if param.requires_grad)
+    assert dtypes["base_model.model.lm_head.weight"] == torch.float8_e4m3fn  # frozen weights stay as they are
