@@ -40,6 +40,8 @@ from .plugin import (
 )
 
 MTLORA_STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")
+# preference trainers to which axolotl passes the adapter's config only: TRL builds the adapter from it
+TRL_BUILDS_ADAPTER = ("dpo", "ipo", "kto")
 # keys that belong to one adapter only; the others are for every chain adapter
 ADAPTER_OF_KEY = {
     "linchain_dims": "linchain",
@@ -321,6 +323,18 @@ class ChainLoraArgs(BaseModel):
             raise ValueError(
                 "cola_merge: base adds finished links into the base weights, which 4-bit/8-bit rounding would lose: "
                 "use cola_merge: frozen (or auto) with load_in_4bit/load_in_8bit."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def check_cola_on_lora_under_trl_built_adapters(self):
+        cfg = _Keys(self)
+        rl = getattr(cfg.get("rl"), "value", cfg.get("rl"))
+        if uses_cola(cfg) and cfg.get("adapter") in ("lora", "qlora") and rl in TRL_BUILDS_ADAPTER:
+            raise ValueError(
+                f"cola_links with adapter: {cfg.get('adapter')} cannot be used with rl: {rl}: axolotl hands TRL a plain "
+                "LoraConfig there and TRL builds LoRA layers, which cannot hold COLA's tied links. Use a chain "
+                "adapter (adapter: linchain, moslora or mtlora) with cola_links, or remove cola_links."
             )
         return self
 

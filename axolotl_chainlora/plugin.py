@@ -42,6 +42,9 @@ CHAIN_ADAPTERS = ("linchain", "moslora", "mtlora")
 COLA_ADAPTERS = ("lora", "qlora", *CHAIN_ADAPTERS)
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
 PLAIN_LORA_DIR = "plain_lora"
+# model types whose 4-bit/8-bit quantization axolotl sets up with settings of their own for lora/qlora (skipped
+# modules, float32 storage: ModelLoader._set_quantization_config), which the plugin's quantization does not apply
+QUANTIZED_SPECIALLY = ("jamba", "qwen2_moe", "nemotron_h", "falcon_h1", "nemotron_labs_diffusion_vlm")
 # preference trainers whose loss has no reference model
 REFERENCE_FREE_RL = ("orpo", "simpo")
 
@@ -267,6 +270,14 @@ class ChainLoraPlugin(BasePlugin):
         return [AdapterCapabilities(name=name) for name in CHAIN_ADAPTERS]
 
     def pre_model_load(self, cfg):
+        quantized = cfg.load_in_4bit or cfg.load_in_8bit
+        if uses_chain_adapter(cfg) and quantized and cfg.model_config_type in QUANTIZED_SPECIALLY:
+            raise ValueError(
+                f"adapter: {cfg.adapter} cannot be trained on a quantized {cfg.model_config_type} base: axolotl "
+                f"quantizes {cfg.model_config_type} models with settings of their own (modules left unquantized, "
+                "storage dtype) that the plugin does not apply. Remove load_in_4bit/load_in_8bit, or use adapter: "
+                "qlora (or lora)."
+            )
         # before axolotl patches its kernels in (after the adapter loads)
         if builds_adapter(cfg) and kernels_on(cfg):
             use_chain_lora_parameters()

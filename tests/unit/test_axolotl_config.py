@@ -1022,3 +1022,14 @@ def test_distributed_rl_with_reentrant_checkpointing_on_a_4bit_chain_adapter_is_
     with pytest.raises(ValidationError, match=r"use_reentrant: true is not supported for distributed RL training of "
                                               r"adapter: linchain on a 4-bit base.*set use_reentrant: false"):  # fmt: skip
         validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities)
+
+
+@pytest.mark.parametrize("rl", ["dpo", "ipo", "kto"])
+def test_cola_on_plain_lora_is_refused_where_trl_builds_the_adapter(tmp_path, base_yaml, rl):
+    """axolotl passes TRL a LoraConfig for DPO, IPO and KTO, so the plugin cannot rebuild the layers as chain layers
+    (`axolotl train` used to stop in post_lora_load: 'LlamaForCausalLM' object has no attribute 'peft_config')."""
+    settings = {**COLA, "rl": rl, "remove_unused_columns": False}
+    refused(tmp_path, base_yaml, [rf"cola_links with adapter: lora cannot be used with rl: {rl}",
+                                  r"Use a chain adapter \(adapter: linchain, moslora or mtlora\) with cola_links"],
+            **settings)  # fmt: skip
+    assert validated(tmp_path, base_yaml, **{**settings, "adapter": "moslora"}).cola_links == 3

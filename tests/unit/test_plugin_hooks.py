@@ -160,3 +160,15 @@ def test_float8_adapter_weights_train_in_the_training_dtype():
     assert {dtypes[name] for name, param in model.named_parameters() if param.requires_grad} == {torch.bfloat16}
     assert any(".lora_core." in name for name, param in model.named_parameters() if param.requires_grad)
     assert dtypes["base_model.model.lm_head.weight"] == torch.float8_e4m3fn  # frozen weights stay as they are
+
+
+@pytest.mark.parametrize("model_type", ["jamba", "falcon_h1", "llama"])
+@pytest.mark.parametrize("bits", ["load_in_4bit", "load_in_8bit"])
+def test_a_quantized_base_axolotl_quantizes_specially_is_refused_before_it_loads(model_type, bits):
+    cfg = DictDefault(adapter="linchain", model_config_type=model_type, **{bits: True})
+    if model_type == "llama":
+        ChainLoraPlugin().pre_model_load(cfg)
+        return
+    with pytest.raises(ValueError, match=rf"adapter: linchain cannot be trained on a quantized {model_type} base"):
+        ChainLoraPlugin().pre_model_load(cfg)
+    ChainLoraPlugin().pre_model_load(DictDefault(adapter="linchain", model_config_type=model_type))  # unquantized
