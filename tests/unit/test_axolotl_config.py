@@ -440,7 +440,8 @@ def test_either_merge_method_is_kept_and_the_efficient_merge_folds_chain_adapter
     overrides = {"merge_method": merge_method} if merge_method else {}
     cfg = load(tmp_path, base_yaml, **({**ADAPTERS[adapter]} if adapter in ADAPTERS else {"adapter": adapter}),
                **overrides)  # fmt: skip
-    assert cfg.adapter == adapter and cfg.merge_method == merge_method
+    # unset: axolotl's default, the memory-efficient merge (0.19 writes it into the config, 0.21 leaves it None)
+    assert cfg.adapter == adapter and cfg.merge_method in ((merge_method,) if merge_method else (None, "memory_efficient"))
     assert not cfg.overrides_of_model_kwargs and not cfg.load_in_4bit and not cfg.load_in_8bit
     # registering the plugin, for any adapter, puts the fold in front of axolotl's efficient merge
     assert axolotl_merge_cli.merge_lora_sharded_efficient is merge_folded

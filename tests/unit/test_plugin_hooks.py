@@ -16,6 +16,7 @@ import torch
 from axolotl.utils.dict import DictDefault
 from helpers import ALPHA, TARGETS, R, tiny_llama
 from peft import LoraConfig, get_peft_model
+from peft.optimizers import create_loraplus_optimizer
 
 import axolotl_chainlora.plugin as plugin_module
 from axolotl_chainlora import ChainLoraConfig, ChainLoraPlugin
@@ -172,3 +173,30 @@ def test_a_quantized_base_axolotl_quantizes_specially_is_refused_before_it_loads
     with pytest.raises(ValueError, match=rf"adapter: linchain cannot be trained on a quantized {model_type} base"):
         ChainLoraPlugin().pre_model_load(cfg)
     ChainLoraPlugin().pre_model_load(DictDefault(adapter="linchain", model_config_type=model_type))  # unquantized
+
+
+# ---------------------------------------------------------------- LoRA+ (loraplus_lr_ratio)
+
+
+@pytest.mark.parametrize("chain_type", ["linchain", "moslora", "mtlora_dtsm"])
+@pytest.mark.parametrize("path", ["peft", "axolotl"])
+def test_loraplus_scales_b_alone_and_keeps_the_cores_at_the_base_lr(chain_type, path):
+    """The groups axolotl's LoRA+ paths give a chain adapter: PEFT's create_loraplus_optimizer (axolotl's default) and
+    axolotl's apply_loraplus_lr_groups (0.21, with embedding_lr): B at lr * ratio; A and every core factor at lr. The
+    cores stay with A on purpose: LoRA+ scales B because B's fan-in is the rank while its output is the model's width;
+    an r x r core has no width dimension (docs/methods.md)."""
+    model = get_peft_model(tiny_llama(), ChainLoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS,
+                                                         chain_type=chain_type))  # fmt: skip
+    lr, ratio = 1e-3, 16.0
+    if path == "peft":
+        groups = create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio).param_groups
+    else:
+        loraplus = pytest.importorskip("axolotl.utils.optimizers.loraplus", reason="axolotl 0.21's own LoRA+ groups")
+        trainable = [{"params": [param for param in model.parameters() if param.requires_grad], "lr": lr}]
+        groups = loraplus.apply_loraplus_lr_groups(trainable, model.named_parameters(), default_lr=lr,
+                                                   loraplus_lr_ratio=ratio, eligible=lambda *_: True)  # fmt: skip
+    names = {id(param): name for name, param in model.named_parameters()}
+    lrs = {names[id(param)]: group["lr"] for group in groups for param in group["params"]}
+    assert any(".lora_core." in name for name in lrs)
+    for name, value in lrs.items():
+        assert value == (lr * ratio if ".lora_B." in name else lr), name
