@@ -23,6 +23,7 @@ from .config import ChainLoraConfig, check_chain_settings
 from .cores import DEFAULT_LINCHAIN_FACTORS
 from .export import saved_chain_config
 from .log import LOG
+from .merge import EFFICIENT_MERGE_MATCHES_4BIT_TRAINING
 from .plugin import (
     CHAIN_ADAPTERS,
     COLA_ADAPTERS,
@@ -402,6 +403,14 @@ class ChainLoraArgs(BaseModel):
                 f"{on[0]}: true: axolotl's LoRA kernels cannot compute adapter: {data.get('adapter')} exactly here: "
                 f"{obstacle}. Set {', '.join(on)} to false, or remove them."
             )
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def choose_merge_method(cls, data: Any) -> Any:
+        # axolotl < 0.21's memory-efficient merge would round the embeddings and head through NF4 too (merge.py)
+        if isinstance(data, dict) and builds_adapter(data) and not EFFICIENT_MERGE_MATCHES_4BIT_TRAINING:
+            data["merge_method"] = data.get("merge_method") or "legacy"
         return data
 
     @model_validator(mode="before")

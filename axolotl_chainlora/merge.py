@@ -5,6 +5,10 @@ straight from the adapter file, which would drop a chain adapter's core T and CO
 adapter is exactly the plain LoRA A' = T A, B' = B (`fold_to_lora`, in float64), so the efficient merge
 gets that fold instead and applies unchanged, its NF4 round trip included: after 4-bit training the
 merged weight is dequant(quant(W0)) + s B' A', the base the adapter was trained on, not W0.
+
+axolotl before 0.21 rounds every weight through NF4 in that merge, the embeddings and the output head
+too, which bitsandbytes never quantized in training: there the legacy merge (the adapter added to the
+unquantized base, through the chain layers) stays the chain adapters' default.
 """
 
 from __future__ import annotations
@@ -13,14 +17,18 @@ import functools
 import tempfile
 from pathlib import Path
 
+import axolotl
 import axolotl.cli.merge_lora as axolotl_merge_cli
 import axolotl.cli.utils.lora_merge as axolotl_lora_merge
+from packaging.version import Version
 
 from .export import fold_to_lora, saved_chain_config
 from .log import LOG
 
 # axolotl's own merge, which this module wraps
 axolotl_efficient_merge = axolotl_lora_merge.merge_lora_sharded_efficient
+# whether that merge rounds through NF4 only the modules a 4-bit load quantizes
+EFFICIENT_MERGE_MATCHES_4BIT_TRAINING = Version(axolotl.__version__).release >= (0, 21)
 
 
 @functools.wraps(axolotl_efficient_merge)

@@ -39,7 +39,7 @@ from axolotl_chainlora import ChainLoraConfig
 from axolotl_chainlora.args import ChainLoraArgs
 from axolotl_chainlora.demo import prepare_demo
 from axolotl_chainlora.log import LOG
-from axolotl_chainlora.merge import axolotl_efficient_merge, merge_folded
+from axolotl_chainlora.merge import EFFICIENT_MERGE_MATCHES_4BIT_TRAINING, axolotl_efficient_merge, merge_folded
 from axolotl_chainlora.plugin import ChainLoraPlugin, chain_config_fields, cola_schedule, ties_into_base
 
 # axolotl 0.21 loads entry-point plugins for every config; 0.19 only what `plugins:` lists
@@ -440,8 +440,10 @@ def test_either_merge_method_is_kept_and_the_efficient_merge_folds_chain_adapter
     overrides = {"merge_method": merge_method} if merge_method else {}
     cfg = load(tmp_path, base_yaml, **({**ADAPTERS[adapter]} if adapter in ADAPTERS else {"adapter": adapter}),
                **overrides)  # fmt: skip
-    # unset: axolotl's default, the memory-efficient merge (0.19 writes it into the config, 0.21 leaves it None)
-    assert cfg.adapter == adapter and cfg.merge_method in ((merge_method,) if merge_method else (None, "memory_efficient"))
+    # unset: axolotl's default, the memory-efficient merge (0.19 writes it into the config, 0.21 leaves it None), but
+    # legacy for chain adapters where that merge would round unquantized modules through NF4 (axolotl < 0.21)
+    default = ("legacy",) if adapter != "lora" and not EFFICIENT_MERGE_MATCHES_4BIT_TRAINING else (None, "memory_efficient")
+    assert cfg.adapter == adapter and cfg.merge_method in ((merge_method,) if merge_method else default)
     assert not cfg.overrides_of_model_kwargs and not cfg.load_in_4bit and not cfg.load_in_8bit
     # registering the plugin, for any adapter, puts the fold in front of axolotl's efficient merge
     assert axolotl_merge_cli.merge_lora_sharded_efficient is merge_folded
