@@ -34,6 +34,7 @@ from .plugin import (
     kernels_on,
     lora_kernels_obstacle,
     reference_is_the_base,
+    rl_trainer,
     settle_lora_kernels,
     training_dtype,
     uses_chain_adapter,
@@ -330,7 +331,7 @@ class ChainLoraArgs(BaseModel):
     @model_validator(mode="after")
     def check_cola_on_lora_under_trl_built_adapters(self):
         cfg = _Keys(self)
-        rl = getattr(cfg.get("rl"), "value", cfg.get("rl"))
+        rl = rl_trainer(cfg)
         if uses_cola(cfg) and cfg.get("adapter") in ("lora", "qlora") and rl in TRL_BUILDS_ADAPTER:
             raise ValueError(
                 f"cola_links with adapter: {cfg.get('adapter')} cannot be used with rl: {rl}: axolotl hands TRL a plain "
@@ -344,7 +345,7 @@ class ChainLoraArgs(BaseModel):
         cfg = _Keys(self)
         if uses_cola(cfg) and self.cola_merge == "base" and reference_is_the_base(cfg):
             raise ValueError(
-                f"cola_merge: base with rl: {getattr(cfg.get('rl'), 'value', cfg.get('rl'))} would add finished links "
+                f"cola_merge: base with rl: {rl_trainer(cfg)} would add finished links "
                 "into the base weights, and the trainer's reference model (the policy with its adapter disabled) "
                 "would move with them: use cola_merge: frozen (or auto)."
             )

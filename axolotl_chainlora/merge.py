@@ -47,4 +47,3 @@ def use_folding_merge() -> None:
     for module in (axolotl_merge_cli, axolotl_lora_merge):
         if module.merge_lora_sharded_efficient is axolotl_efficient_merge:
             module.merge_lora_sharded_efficient = merge_folded
-

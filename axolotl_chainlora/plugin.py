@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import bitsandbytes as bnb
+import peft.utils.other as peft_other
 import torch
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.loaders.adapter import load_lora
@@ -24,7 +25,6 @@ from axolotl.utils.config import resolve_dtype
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.schemas.config import AxolotlConfigWCapabilities
 from axolotl.utils.train import determine_last_checkpoint
-import peft.utils.other as peft_other
 from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import TrainerCallback, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -77,11 +77,16 @@ def training_dtype(cfg) -> torch.dtype:
     return precision.torch_dtype
 
 
+def rl_trainer(cfg) -> str | None:
+    """The YAML's `rl:` trainer by name (a validated cfg holds axolotl's RLType)."""
+    return getattr(cfg.get("rl"), "value", cfg.get("rl"))
+
+
 def reference_is_the_base(cfg) -> bool:
     """Whether the trainer's reference model is the policy with its adapter disabled: axolotl passes TRL no
     reference model for an adapter run, so DPO, IPO, KTO and GRPO with a KL term disable the adapter to compute
     the reference log-probs."""
-    rl = getattr(cfg.get("rl"), "value", cfg.get("rl"))
+    rl = rl_trainer(cfg)
     if not rl or rl in REFERENCE_FREE_RL:
         return False
     trl = cfg.get("trl") or {}

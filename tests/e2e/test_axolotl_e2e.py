@@ -40,8 +40,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import axolotl_chainlora  # noqa: F401  registers LORA_CHAIN with PEFT
 from axolotl_chainlora.bnb import Linear4bit as ChainLinear4bit
-from axolotl_chainlora.merge import EFFICIENT_MERGE_MATCHES_4BIT_TRAINING
 from axolotl_chainlora.demo import alpaca_text, demo_records, mean_response_loss, run_axolotl
+from axolotl_chainlora.merge import EFFICIENT_MERGE_MATCHES_4BIT_TRAINING
 
 # the demo YAML: lora_target_linear on a 2-layer Llama
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
