@@ -22,8 +22,10 @@ from axolotl_chainlora.export import fold_to_lora, merge_to_full_model
 pytest.importorskip("deepspeed")  # the `deepspeed` extra (scripts/install.sh installs it)
 
 ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
-# ZeRO-3 reduces gradients in another order than DDP (measured: at most 7.7e-7); the others match DDP bit for bit
-AGAINST_DDP = {"ddp": 0.0, "fsdp2": 0.0, "zero2": 0.0, "zero3": 2e-6}
+# ZeRO-3 reduces gradients in another order than DDP: float32 rounding that depends on the machine (at most 7.7e-7 on
+# one, 2.2e-6 on another with the same library versions); the negative controls are >= 3.6e-3. The others match DDP
+# bit for bit
+AGAINST_DDP = {"ddp": 0.0, "fsdp2": 0.0, "zero2": 0.0, "zero3": 1e-5}
 # (where the knots tie, the links' ranks): frozen factors beside the base; into the base, with a rank step-down
 CASES = {"frozen": ("frozen", "3,3,3"), "base-step-down": ("base", "3,2,2")}
 
