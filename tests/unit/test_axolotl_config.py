@@ -768,12 +768,15 @@ def on_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
 
-def validated(tmp_path, base: dict, **overrides) -> DictDefault:
-    """The YAML through plugin registration and the schema only: normalize_config would probe the (mocked) GPU."""
+def validated(tmp_path, base: dict, gpus: int | None = None, **overrides) -> DictDefault:
+    """The YAML through plugin registration and the schema only: normalize_config would probe the (mocked) GPU.
+    `gpus`: the number of GPUs the schema is told of, instead of this machine's."""
     cfg = DictDefault(yaml.safe_load(open(write_yaml(tmp_path, base, **overrides))))
     PluginManager._instance = None
     prepare_plugins(cfg)
     capabilities, env_capabilities = gpu_capabilities()
+    if gpus is not None:
+        capabilities = {**capabilities, "n_gpu": gpus}
     return validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities)
 
 
@@ -1014,17 +1017,12 @@ def test_distributed_rl_with_reentrant_checkpointing_on_a_4bit_chain_adapter_is_
     """axolotl's refusal for qlora (a TRL bug), made for a chain adapter on a 4-bit base too."""
     settings = {"rl": "dpo", "load_in_4bit": True, "gradient_checkpointing": True,
                 "gradient_checkpointing_kwargs": {"use_reentrant": True}}  # fmt: skip
-    cfg = DictDefault(yaml.safe_load(open(write_yaml(tmp_path, base_yaml, **settings))))
-    PluginManager._instance = None
-    prepare_plugins(cfg)
-    capabilities, env_capabilities = gpu_capabilities()
-    capabilities = {**capabilities, "n_gpu": gpus}
     if gpus == 1:
-        assert validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities).load_in_4bit
+        assert validated(tmp_path, base_yaml, gpus=gpus, **settings).load_in_4bit
         return
     with pytest.raises(ValidationError, match=r"use_reentrant: true is not supported for distributed RL training of "
                                               r"adapter: linchain on a 4-bit base.*set use_reentrant: false"):  # fmt: skip
-        validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities)
+        validated(tmp_path, base_yaml, gpus=gpus, **settings)
 
 
 @pytest.mark.parametrize("rl", ["dpo", "ipo", "kto"])
