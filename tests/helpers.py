@@ -227,6 +227,17 @@ def offline_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **OFFLINE_ENV, "TRANSFORMERS_OFFLINE": "1", **extra}
 
 
+def torchrun(worker: str, *args: str) -> None:
+    """Run a worker of tests/e2e/workers on two CPU processes (DeepSpeed's included: DS_ACCELERATOR=cpu)."""
+    # the workers import this module: torchrun runs them as scripts, without pytest's pythonpath
+    pythonpath = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    env = offline_env(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, DS_ACCELERATOR="cpu")
+    worker_path = REPO / "tests" / "e2e" / "workers" / worker
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker_path), *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def logged_losses(log: str) -> list[float]:
     """The per-step training losses of the HF Trainer log ({'loss': '6.082', ...})."""
     return [float(value) for value in re.findall(r"\{'loss': '([0-9.]+)'", log)]

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WEIGHTS, logits_of, tiny_llama
+from helpers import WEIGHTS, logits_of, tiny_llama, torchrun
 from peft import LoraConfig, PeftConfig, PeftModel
 from safetensors.torch import load_file
-from test_distributed import torchrun
 from transformers import AutoModelForCausalLM
 
 from axolotl_chainlora.export import fold_to_lora, merge_to_full_model

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WEIGHTS, chain_model, logits_of, tiny_llama
+from helpers import WEIGHTS, chain_model, logits_of, tiny_llama, torchrun
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
-from test_distributed import torchrun
 from transformers import AutoModelForCausalLM
 
 from axolotl_chainlora.cores import CHAIN_TYPES, core_shapes

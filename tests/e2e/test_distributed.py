@@ -6,27 +6,9 @@ accelerator device), so this drives the chain layers with torch's own engines.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from helpers import offline_env
-
-WORKERS = Path(__file__).parent / "workers"
-# the workers import helpers: torchrun runs them as scripts, without pytest's pythonpath
-TESTS = Path(__file__).parents[1]
-
-
-def torchrun(worker: str, *args: str) -> None:
-    """Run a worker on two CPU processes (DeepSpeed's included: DS_ACCELERATOR=cpu)."""
-    pythonpath = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-    env = offline_env(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, DS_ACCELERATOR="cpu")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKERS / worker), *args]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+from helpers import torchrun
 
 
 def train_on_two_ranks(tmp_path, chain_type: str, engine: str) -> tuple[dict, dict]:

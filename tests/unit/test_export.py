@@ -252,6 +252,8 @@ def test_fold_from_model_equals_fold_from_dir(name, llama_chains, tmp_path):
     config_dir = json.loads((chain.fold_dir / "adapter_config.json").read_text())
     # the in-memory config is in training mode, the saved one in inference mode
     config_model.pop("inference_mode"), config_dir.pop("inference_mode")
+    # PEFT keeps target_modules as a set and writes it in the set's order, which depends on how it was built
+    assert set(config_model.pop("target_modules")) == set(config_dir.pop("target_modules"))
     assert config_model == config_dir
 
 
