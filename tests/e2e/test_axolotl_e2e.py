@@ -224,12 +224,12 @@ def merges(workspace, trained) -> dict[str, subprocess.CompletedProcess]:
     given on the command line, refused); each on its own copy of the adapter, so that its merged/ is its own."""
     for name in RUNS:
         trained_run(trained, name)
-    jobs = {f"merge-{name}": ["merge-lora", f"{name}.yml"] for name in RUNS}
-    copies = {"4bit-legacy": ("linchain-4bit", {"merge_method": "legacy"}), "as-lora": ("linchain", {})}
-    for copy, (name, changes) in copies.items():
+    for copy, name in (("4bit-legacy", "linchain-4bit"), ("as-lora", "linchain")):
         shutil.copytree(workspace / f"out-{name}", workspace / f"out-{copy}", ignore=shutil.ignore_patterns("merged"))
-        jobs[f"merge-{copy}"] = ["merge-lora", write_config(workspace, copy, **RUNS[name], **changes)]
-    jobs["merge-as-lora"][1] = write_config(workspace, "as-lora", adapter="lora", chain_export_lora=None)
+    jobs = {f"merge-{name}": ["merge-lora", f"{name}.yml"] for name in RUNS}
+    legacy = write_config(workspace, "4bit-legacy", **RUNS["linchain-4bit"], merge_method="legacy")
+    jobs["merge-4bit-legacy"] = ["merge-lora", legacy]
+    jobs["merge-as-lora"] = ["merge-lora", write_config(workspace, "as-lora", adapter="lora", chain_export_lora=None)]
     as_lora_dir = write_config(workspace, "as-lora-dir", adapter="lora", chain_export_lora=None)
     jobs["merge-as-lora-dir"] = ["merge-lora", as_lora_dir, "--lora-model-dir", "./out-linchain"]
     return run_all(workspace, jobs)
