@@ -226,15 +226,18 @@ class ChainLoraArgs(BaseModel):
         if not builds_adapter(cfg) or not getattr(trl, "use_vllm", False):
             return self
         setting = "cola_links" if uses_cola(cfg) else f"adapter: {cfg.get('adapter')}"
-        for key in ("async_prefetch", "use_data_producer", "vllm_lora_sync"):
+        asynchronous = "asynchronous GRPO sends vLLM W + s B A, without the core and the tied links"
+        reasons = {
+            "async_prefetch": asynchronous,
+            "use_data_producer": asynchronous,
+            "vllm_lora_sync": "LoRA sync posts the saved adapter, whose cores and tied links vLLM cannot load",
+        }
+        for key, why in reasons.items():
             if getattr(trl, key, False):
                 raise ValueError(
-                    f"trl.{key} cannot be used with trl.use_vllm and {setting}: axolotl's "
-                    + ("LoRA sync posts the saved adapter, whose cores and tied links vLLM cannot load"
-                       if key == "vllm_lora_sync" else "asynchronous GRPO sends vLLM W + s B A, without the core and "
-                       "the tied links")
-                    + f". Remove trl.{key}: the synchronous trainer merges the adapter exactly before each sync."
-                )  # fmt: skip
+                    f"trl.{key} cannot be used with trl.use_vllm and {setting}: axolotl's {why}. Remove trl.{key}: "
+                    "the synchronous trainer merges the adapter exactly before each sync."
+                )
         return self
 
     @model_validator(mode="before")
