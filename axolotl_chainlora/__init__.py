@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from packaging.specifiers import SpecifierSet
 
-from .log import third_party_import_notices_hidden
+from .log import third_party_notices_hidden
 
-with third_party_import_notices_hidden():
+with third_party_notices_hidden():
     import peft
 
 __version__ = "0.1.0"
@@ -31,7 +31,7 @@ def check_peft_version(installed: str) -> None:
 
 check_peft_version(peft.__version__)
 
-with third_party_import_notices_hidden():
+with third_party_notices_hidden():
     from .cola import ColaCallback, ColaSchedule
     from .config import CHAIN_PEFT_TYPE, ChainLoraConfig
     from .cores import CHAIN_INITS, CHAIN_TYPES, core_parameter_count

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+
+from transformers.utils import logging as transformers_logging
 
 from . import __version__
 from .demo import run_demo
 from .export import fold_to_lora, merge_to_full_model
+from .log import third_party_notices_hidden
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,15 +39,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def only_this_commands_output():
+    """The command prints its own lines only: no warnings or progress bars of the libraries it drives
+    (the demo's `axolotl` runs write theirs to log files)."""
+    bars_were_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        with third_party_notices_hidden():
+            yield
+    finally:
+        if bars_were_on:
+            transformers_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return run_demo_command(args)
-    if args.merge and not args.base_model:
-        parser.error("--merge needs --base-model PATH, the model the adapter was trained on")
-    if args.base_model and not args.merge:
-        parser.error("--base-model is only used with --merge")
+    if args.command == "export":
+        if args.merge and not args.base_model:
+            parser.error("--merge needs --base-model PATH, the model the adapter was trained on")
+        if args.base_model and not args.merge:
+            parser.error("--base-model is only used with --merge")
+    with only_this_commands_output():
+        return run_demo_command(args) if args.command == "demo" else run_export_command(args)
+
+
+def run_export_command(args) -> int:
     try:
         if args.merge:
             out = merge_to_full_model(args.adapter_dir, args.base_model, args.out_dir)

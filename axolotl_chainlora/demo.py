@@ -71,7 +71,10 @@ def build_tiny_llama(out_dir: Path, texts: list[str], seed: int = 0, **shape) ->
     tokenizer.train_from_iterator(
         texts,
         trainers.BpeTrainer(
-            vocab_size=512, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+            vocab_size=512,
+            special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,  # its bars print blank lines when the output is not a terminal
         ),
     )
     fast = PreTrainedTokenizerFast(

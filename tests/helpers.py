@@ -227,6 +227,13 @@ def offline_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **OFFLINE_ENV, "TRANSFORMERS_OFFLINE": "1", **extra}
 
 
+def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The installed `axolotl-chainlora` command, offline, its output captured."""
+    return subprocess.run(
+        [str(CLI), *args], cwd=cwd, env=offline_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
 def torchrun(worker: str, *args: str) -> None:
     """Run a worker of tests/e2e/workers on two CPU processes (DeepSpeed's included: DS_ACCELERATOR=cpu)."""
     # the workers import this module: torchrun runs them as scripts, without pytest's pythonpath

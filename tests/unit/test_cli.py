@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import CLI, WEIGHTS, offline_env
+from helpers import WEIGHTS, offline_env, run_cli
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -16,10 +16,6 @@ from axolotl_chainlora import ChainLoraConfig
 from axolotl_chainlora.cli import main
 
 CONFIG = "adapter_config.json"
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(CLI), *args], cwd=cwd, env=offline_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +42,32 @@ def test_help_and_version_print_nothing_else(args, stdout, tmp_path):
     assert result.stderr == ""
 
 
-def test_export_prints_one_line_and_no_warnings(adapter_dir, tmp_path):
-    result = run_cli("export", str(adapter_dir), str(tmp_path / "lora"), cwd=tmp_path)
+@pytest.mark.parametrize("merge", [False, True], ids=["fold", "merge"])
+def test_export_prints_one_line_and_no_warnings(adapter_dir, tiny_llama_dir, tmp_path, merge):
+    """No progress bar, no DeepSpeed notice (the merge's save_pretrained imports DeepSpeed): the command's line only."""
+    out = tmp_path / "out"
+    args = ["--merge", "--base-model", str(tiny_llama_dir)] if merge else []
+    result = run_cli("export", str(adapter_dir), str(out), *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"wrote a plain LoRA adapter to {tmp_path / 'lora'}\n"
+    assert result.stdout == (f"wrote the merged model to {out}\n" if merge else f"wrote a plain LoRA adapter to {out}\n")
     assert result.stderr == ""
 
 
-def test_without_the_package_the_same_imports_are_noisy(tmp_path):
+@pytest.mark.parametrize(
+    ("imports", "notice"),
+    [
+        pytest.param("import peft, bitsandbytes", "kernels-community", id="bitsandbytes"),
+        # transformers' save_pretrained imports DeepSpeed where it is installed: the demo and `export --merge` do
+        pytest.param("import deepspeed", "Setting accelerator to CPU", id="deepspeed"),
+    ],
+)
+def test_without_the_package_the_same_imports_are_noisy(imports, notice, tmp_path):
     """The control: what the command hides is real noise of these libraries' imports on this machine."""
     result = subprocess.run(
-        [sys.executable, "-c", "import peft, bitsandbytes"],
-        cwd=tmp_path,
-        env=offline_env(),
-        capture_output=True,
-        text=True,
+        [sys.executable, "-c", imports], cwd=tmp_path, env=offline_env(), capture_output=True, text=True
     )
     assert result.returncode == 0
-    assert "kernels-community" in result.stderr
+    assert notice in result.stdout + result.stderr
 
 
 def damaged_copy(adapter_dir: Path, tmp_path: Path, damage) -> Path:
