@@ -14,8 +14,10 @@ chain adapter, and warn about misspelled keys.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
+from peft import PeftConfig
 from pydantic import BaseModel, Field, StrictFloat, StrictInt, model_validator
 
 from .cola import COLA_MERGE_MODES, LINK_WARMUP_UNDER_DEEPSPEED, ColaSchedule
@@ -33,6 +35,7 @@ from .plugin import (
     cola_schedule,
     kernels_on,
     lora_kernels_obstacle,
+    require_same_chain,
     reference_is_the_base,
     rl_trainer,
     settle_lora_kernels,
@@ -340,6 +343,29 @@ class ChainLoraArgs(BaseModel):
                 f"cola_links with adapter: {cfg.get('adapter')} cannot be used with rl: {rl}: axolotl hands TRL a plain "
                 "LoraConfig there and TRL builds LoRA layers, which cannot hold COLA's tied links. Use a chain "
                 "adapter (adapter: linchain, moslora or mtlora) with cola_links, or remove cola_links."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def check_the_adapter_to_continue(self):
+        cfg = _Keys(self)
+        directory = cfg.get("lora_model_dir")
+        # a hub id is read, and checked, when the adapter loads
+        if builds_adapter(cfg) and directory and (Path(directory) / "adapter_config.json").is_file():
+            require_same_chain(cfg, PeftConfig.from_pretrained(directory))
+        return self
+
+    @model_validator(mode="after")
+    def check_no_adapter_to_continue_under_trl_built_adapters(self):
+        cfg = _Keys(self)
+        rl = rl_trainer(cfg)
+        if builds_adapter(cfg) and rl in TRL_BUILDS_ADAPTER and cfg.get("lora_model_dir") and not cfg.get("merge_lora"):
+            raise ValueError(
+                f"lora_model_dir={cfg.get('lora_model_dir')} would not be loaded with rl: {rl}: axolotl hands TRL the "
+                "adapter's config only and TRL builds a fresh adapter, so the run would start from the base model. "
+                "To train on top of that adapter, merge it into the base first (axolotl-chainlora export DIR OUT_DIR "
+                "--merge --base-model BASE, or axolotl merge-lora) and set base_model to the merged model; or remove "
+                "lora_model_dir."
             )
         return self
 

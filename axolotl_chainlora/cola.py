@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 from .bnb import Linear4bit, Linear8bitLt
 from .config import ChainLoraConfig
 from .engines import DeepSpeedEngine, engine_of
-from .layer import ChainLoraLayer
+from .layer import ChainLoraLayer, TiedFactor
 from .log import LOG
 
 COLA_MERGE_MODES = ("auto", "base", "frozen")
@@ -321,3 +321,22 @@ class ColaCallback(TrainerCallback):
 def link_parameters(layer: ChainLoraLayer, adapter: str) -> list[torch.nn.Parameter]:
     """The current link's trainable parameters: A, B and the core's factors."""
     return [p for name in ("lora_A", "lora_B", "lora_core") for p in getattr(layer, name)[adapter].parameters()]
+
+
+def copy_tied_links(model: torch.nn.Module, source: str, target: str) -> int:
+    """Give adapter `target` the links tied into adapter `source` and kept beside the base, on every chain layer
+    that holds both; returns how many layers got them.
+
+    TRL's DPO, KTO and GRPO trainers, given a PeftModel and no reference model, make the reference a frozen copy of
+    the policy's adapter: `add_adapter("ref", config)`, then a copy of each parameter. Tied links are buffers, so
+    without this the reference of a continued COLA adapter would lack them.
+    """
+    layers = 0
+    for module in model.modules():
+        if isinstance(module, ChainLoraLayer) and source in module.lora_tied_A and target in module.lora_core:
+            if source in module.tied_in_base:
+                continue  # in the base weight, which the copy shares
+            module.lora_tied_A[target] = TiedFactor(module.lora_tied_A[source].weight.clone())
+            module.lora_tied_B[target] = TiedFactor(module.lora_tied_B[source].weight.clone())
+            layers += 1
+    return layers

@@ -29,7 +29,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import TrainerCallback, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from .cola import ColaCallback, ColaSchedule
+from .cola import ColaCallback, ColaSchedule, copy_tied_links
 from .config import ChainLoraConfig
 from .cores import DEFAULT_LINCHAIN_FACTORS, default_chain_dims
 from .export import ADAPTER_WEIGHTS, fold_to_lora
@@ -47,6 +47,9 @@ PLAIN_LORA_DIR = "plain_lora"
 QUANTIZED_SPECIALLY = ("jamba", "qwen2_moe", "nemotron_h", "falcon_h1", "nemotron_labs_diffusion_vlm")
 # preference trainers whose loss has no reference model
 REFERENCE_FREE_RL = ("orpo", "simpo")
+# the frozen copy of the starting adapter that TRL's DPO, KTO and GRPO trainers make their reference when they are
+# given a PeftModel (axolotl's GRPO runs; its DPO, IPO and KTO runs let TRL build the adapter and disable it)
+TRL_REFERENCE_ADAPTER = "ref"
 
 
 def uses_chain_adapter(cfg) -> bool:
@@ -83,11 +86,12 @@ def rl_trainer(cfg) -> str | None:
 
 
 def reference_is_the_base(cfg) -> bool:
-    """Whether the trainer's reference model is the policy with its adapter disabled: axolotl passes TRL no
-    reference model for an adapter run, so DPO, IPO, KTO and GRPO with a KL term disable the adapter to compute
-    the reference log-probs."""
+    """Whether the trainer's reference model runs on the policy's own base weights: axolotl passes TRL no
+    reference model for an adapter run (unless rl_adapter_ref_model loads one), so DPO, IPO, KTO and GRPO with a
+    KL term compute the reference log-probs on the policy's base, with the adapter disabled or with a frozen copy
+    of the adapter the run started from (TRL_REFERENCE_ADAPTER)."""
     rl = rl_trainer(cfg)
-    if not rl or rl in REFERENCE_FREE_RL:
+    if not rl or rl in REFERENCE_FREE_RL or cfg.get("rl_adapter_ref_model"):
         return False
     trl = cfg.get("trl") or {}
     beta = trl.get("beta") if isinstance(trl, dict) else getattr(trl, "beta", None)
@@ -325,7 +329,7 @@ class ChainLoraPlugin(BasePlugin):
         if cfg.peft_autocast_adapter_dtype is not None:
             peft_kwargs["autocast_adapter_dtype"] = cfg.peft_autocast_adapter_dtype
         if cfg.lora_model_dir:
-            _require_same_chain(cfg, config, PeftConfig.from_pretrained(cfg.lora_model_dir))
+            require_same_chain(cfg, PeftConfig.from_pretrained(cfg.lora_model_dir))
             if cfg.lora_on_cpu:  # as axolotl's load_lora
                 peft_kwargs.update(max_memory={"cpu": "256GiB"}, device_map={"": "cpu"})
             model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=not inference, **peft_kwargs)
@@ -366,6 +370,12 @@ class ChainLoraPlugin(BasePlugin):
                 "axolotl_chainlora's: they would train plain LoRA. Another integration replaced it; set the "
                 "lora_*_kernel keys to false."
             )
+
+    def post_trainer_create(self, cfg, trainer):
+        if builds_adapter(cfg) and TRL_REFERENCE_ADAPTER in getattr(trainer.model, "peft_config", {}):
+            layers = copy_tied_links(trainer.model, "default", TRL_REFERENCE_ADAPTER)
+            if layers:
+                LOG.info("TRL's reference adapter, a copy of the policy's, got its tied links (%d layers)", layers)
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         callbacks = []
@@ -438,20 +448,26 @@ def _links_of_resumed_checkpoint(cfg) -> dict:
     return {"cola_tied_ranks": saved.get("cola_tied_ranks")}
 
 
-def _require_same_chain(cfg, config: ChainLoraConfig, saved) -> None:
-    """lora_model_dir must hold the adapter this YAML describes, not plain LoRA or another core."""
+def require_same_chain(cfg, saved: PeftConfig) -> None:
+    """lora_model_dir must hold the adapter this YAML describes, not plain LoRA or another core: checked at
+    validation for a local folder (args.py), and again when the adapter loads (a hub id is first read there)."""
     if not isinstance(saved, ChainLoraConfig):
         raise ValueError(
-            f"lora_model_dir={cfg.lora_model_dir} holds a {type(saved).__name__} adapter, not adapter: "
-            f"{cfg.adapter}: point lora_model_dir at a chain adapter or change adapter."
+            f"lora_model_dir={cfg.get('lora_model_dir')} holds a {type(saved).__name__} adapter, not adapter: "
+            f"{cfg.get('adapter')}: point lora_model_dir at a chain adapter or change adapter."
         )
+    # the YAML's keys as axolotl's load_lora and _chain_config map them
+    fields = chain_config_fields(cfg) if uses_chain_adapter(cfg) else {"chain_type": "lora"}
+    config = ChainLoraConfig(
+        r=cfg.get("lora_r"), lora_alpha=cfg.get("lora_alpha"), use_rslora=bool(cfg.get("peft_use_rslora")), **fields
+    )
     # a COLA run's last link has the last of cola_ranks
-    fields = ("lora_alpha", "use_rslora", "chain_type", "chain_dims", "chain_fused_splits")
-    for field in fields if uses_cola(cfg) else ("r", *fields):
+    compared = ("lora_alpha", "use_rslora", "chain_type", "chain_dims", "chain_fused_splits")
+    for field in compared if uses_cola(cfg) else ("r", *compared):
         saved_value, wanted = _chain_setting(saved, field), _chain_setting(config, field)
         if saved_value != wanted:
             raise ValueError(
-                f"lora_model_dir={cfg.lora_model_dir} was saved with {field}={saved_value!r} but this config "
+                f"lora_model_dir={cfg.get('lora_model_dir')} was saved with {field}={saved_value!r} but this config "
                 f"asks for {wanted!r}: make the YAML match the saved adapter."
             )
 

@@ -61,10 +61,12 @@ def differences(lock: dict[str, str], venv: dict[str, str]) -> list[str]:
 def write(lock_path: Path, leg: str) -> None:
     pins = installed()
     header = (
-        f"# The tested environment of the axolotl {leg} leg: Python {platform.python_version()}, {platform.machine()}.\n"
+        f"# The tested environment of the axolotl {leg} leg: "
+        f"Python {platform.python_version()}, {platform.machine()}.\n"
         f"# Resolved fresh on {datetime.date.today().isoformat()} by `bash scripts/install.sh --latest {leg}`, "
         "which wrote this file after the unit tests passed.\n"
-        "# scripts/install.sh installs exactly these versions (pip --constraint) and checks `pip freeze` against them.\n"
+        "# scripts/install.sh installs exactly these versions (pip --constraint) "
+        "and checks `pip freeze` against them.\n"
     )
     lock_path.write_text(header + "".join(f"{name}=={version}\n" for name, version in sorted(pins.items())))
 

@@ -33,6 +33,7 @@ from transformers import (
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from axolotl_chainlora import ChainLoraConfig
+from axolotl_chainlora.cola import ColaCallback, ColaSchedule
 from axolotl_chainlora.demo import OFFLINE_ENV, run_axolotl
 from axolotl_chainlora.layer import ChainLoraLayer
 
@@ -158,6 +159,14 @@ def chain_model(chain_type: str, base: torch.nn.Module | None = None, seed: int 
     if seed is not None:
         randomize_adapters(model, seed=seed)
     return model.eval()
+
+
+def knot(model, merge: str, optimizer=None, step: int = 1, ranks=None) -> ColaCallback:
+    """Tie one knot the way the trainer does, on a callback set up for `merge`."""
+    callback = ColaCallback(ColaSchedule(links=3, merge=merge, ranks=ranks))
+    callback.into_base = callback._ties_into_base(callback._layers(model))
+    callback.tie_knot(model, optimizer, step=step, seed=0)
+    return callback
 
 
 def chain_layers(model: torch.nn.Module) -> dict[str, ChainLoraLayer]:

@@ -417,13 +417,15 @@ def test_training_from_lora_model_dir_starts_at_the_saved_adapter(workspace, tra
 
 
 @pytest.mark.slow  # alone, with the two rounds of train runs it needs: about 70 s
-def test_lora_model_dir_with_a_plain_lora_adapter_is_refused(lora_model_dir_runs):
+def test_lora_model_dir_with_a_plain_lora_adapter_is_refused(workspace, lora_model_dir_runs):
     result = lora_model_dir_runs["train-from-plain"]
     output = output_of(result)
     assert result.returncode != 0
     assert "lora_model_dir=./out-linchain/plain_lora holds a LoraConfig adapter, not adapter: linchain" in output, (
         output[-3000:]
     )
+    # refused while the YAML is validated: no model was loaded, nothing was written
+    assert "Loading weights" not in output and not (workspace / "out-from-plain").exists()
 
 
 @pytest.mark.slow  # alone, with the train runs it needs: about 70 s

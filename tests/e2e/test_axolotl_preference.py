@@ -1,10 +1,10 @@
 """COLA under axolotl's DPO trainer, through the real `axolotl train`.
 
-TRL's reference model for an adapter run is the policy with its adapter disabled. A knot that added the
-finished link into the base weights would make that reference the policy itself: right after the knot every
-reward and margin would be exactly 0 (the loss log(2)). `cola_merge: auto` therefore keeps the links
-beside the base under DPO, IPO and KTO, even on a float32 base (tests/unit/test_cola.py checks that the
-disabled adapter is then exactly the base model; test_axolotl_config.py the refusal of an explicit `base`).
+axolotl lets TRL build the adapter for DPO, IPO and KTO, and TRL's reference model is then the policy with its
+adapter disabled. A knot that added the finished link into the base weights would make that reference the policy:
+right after the knot every reward and margin would be exactly 0 (the loss log(2)). `cola_merge: auto` therefore
+keeps the links beside the base under DPO, IPO and KTO, even on a float32 base (tests/unit/test_cola.py checks that
+the disabled adapter is then exactly the base model; test_axolotl_config.py the refusal of an explicit `base`).
 """
 
 from __future__ import annotations

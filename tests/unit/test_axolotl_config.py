@@ -904,22 +904,24 @@ def test_our_validators_do_not_replace_axolotls():
 
 
 @pytest.mark.parametrize(
-    ("rl", "trl", "merge"),
+    ("rl", "extra", "merge"),
     [
-        pytest.param(None, None, "auto", id="sft"),
-        pytest.param("dpo", None, "frozen", id="dpo"),
-        pytest.param("ipo", None, "frozen", id="ipo"),
-        pytest.param("kto", None, "frozen", id="kto"),
-        pytest.param("orpo", None, "auto", id="orpo-reference-free"),
-        pytest.param("simpo", None, "auto", id="simpo-reference-free"),
-        pytest.param("grpo", {"beta": 0.04}, "frozen", id="grpo-with-kl"),
-        pytest.param("grpo", {"beta": 0.0}, "auto", id="grpo-without-kl"),
+        pytest.param(None, {}, "auto", id="sft"),
+        pytest.param("dpo", {}, "frozen", id="dpo"),
+        pytest.param("ipo", {}, "frozen", id="ipo"),
+        pytest.param("kto", {}, "frozen", id="kto"),
+        pytest.param("orpo", {}, "auto", id="orpo-reference-free"),
+        pytest.param("simpo", {}, "auto", id="simpo-reference-free"),
+        pytest.param("grpo", {"trl": {"beta": 0.04}}, "frozen", id="grpo-with-kl"),
+        pytest.param("grpo", {"trl": {"beta": 0.0}}, "auto", id="grpo-without-kl"),
+        # axolotl loads the reference as a model of its own: the policy's base weights are not its
+        pytest.param("dpo", {"rl_adapter_ref_model": True}, "auto", id="dpo-reference-loaded-apart"),
     ],
 )
-def test_cola_auto_keeps_links_beside_the_base_where_the_reference_is_the_disabled_adapter(rl, trl, merge):
-    """cola_merge: auto on a float32 base ties into the base, unless the trainer's reference model is the policy
-    with its adapter disabled (which the tie would move to the policy)."""
-    cfg = {"adapter": "linchain", "cola_links": 2, "rl": rl, "trl": trl}
+def test_cola_auto_keeps_links_beside_the_base_where_the_reference_runs_on_it(rl, extra, merge):
+    """cola_merge: auto on a float32 base ties into the base, unless the trainer's reference model runs on the
+    policy's base weights (which the tie would move to the policy)."""
+    cfg = {"adapter": "linchain", "cola_links": 2, "rl": rl, **extra}
     assert cola_schedule(cfg).merge == merge
     assert ties_into_base(cfg) is (merge == "auto")
     # a DPO run that asks for base explicitly is refused (below), not rewritten
@@ -973,10 +975,65 @@ def test_lora_yaml_on_a_saved_chain_adapter_is_refused_naming_the_fix(
     ], adapter=adapter, lora_model_dir=directory, **extra)  # fmt: skip
 
 
+# ---------------------------------------------------------------- continuing a saved adapter: lora_model_dir
+
+SAVED_LINCHAIN = {"adapter": "linchain", "lora_r": 4, "lora_alpha": 8, "linchain_dims": [4, 8, 4]}
+
+
+@pytest.mark.parametrize(
+    ("saved", "yaml", "refusal"),
+    [
+        pytest.param("linchain", SAVED_LINCHAIN, None, id="same-linchain"),
+        pytest.param("linchain", {**SAVED_LINCHAIN, "lora_r": 8, "linchain_dims": [8, 8, 8]},
+                     r"was saved with r=4 but this config asks for 8", id="other-rank"),
+        pytest.param("linchain", {**SAVED_LINCHAIN, "linchain_dims": [4, 4, 4, 4]},
+                     r"was saved with chain_dims=\[4, 8, 4\] but this config asks for \[4, 4, 4, 4\]", id="other-dims"),
+        pytest.param("linchain", {**SAVED_LINCHAIN, "lora_alpha": 16}, r"was saved with lora_alpha=8",
+                     id="other-alpha"),
+        pytest.param("linchain", {**SAVED_LINCHAIN, "peft_use_rslora": True}, r"was saved with use_rslora=None",
+                     id="rslora"),
+        pytest.param("linchain", {**SAVED_LINCHAIN, "adapter": "moslora", "linchain_dims": None},
+                     r"was saved with chain_type='linchain' but this config asks for 'moslora'", id="other-chain-type"),
+        pytest.param("mtlora", {**SAVED_LINCHAIN, "adapter": "mtlora", "mtlora_structure": "icfm",
+                                "linchain_dims": None},
+                     r"chain_type='mtlora_ctcm' but this config asks for 'mtlora_icfm'", id="other-structure"),
+        pytest.param("plain", SAVED_LINCHAIN, r"holds a LoraConfig adapter, not adapter: linchain", id="chain-on-lora"),
+        pytest.param("linchain", {"adapter": "lora", "lora_r": 4, "lora_alpha": 8},
+                     r"holds a chain adapter \(peft_type LORA_CHAIN", id="lora-on-chain"),
+        pytest.param("cola-lora", {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, **COLA}, None, id="cola-lora"),
+        # COLA compares no rank: the last link has the last of cola_ranks
+        pytest.param("linchain", {**COLA, **SAVED_LINCHAIN}, None, id="cola-linchain"),
+        pytest.param("cola-lora", {**COLA, **SAVED_LINCHAIN}, r"chain_type='lora' but this config asks for 'linchain'",
+                     id="cola-other-chain-type"),
+    ],
+)  # fmt: skip
+def test_the_adapter_to_continue_is_checked_before_the_model_loads(tmp_path, base_yaml, saved_adapters, saved, yaml,
+                                                                     refusal):  # fmt: skip
+    """Every direction of continuation: the same adapter validates; another rank, core, alpha, rsLoRA or adapter
+    type is refused at validation, naming the key (before the model loads, so no device is touched)."""
+    settings = {key: value for key, value in yaml.items() if value is not None}
+    settings = {**settings, "lora_model_dir": saved_adapters[saved]}
+    base = {key: value for key, value in base_yaml.items() if key not in ("linchain_dims", "linchain_n")}
+    if refusal is None:
+        assert validated(tmp_path, base, **settings).lora_model_dir == saved_adapters[saved]
+    else:
+        refused(tmp_path, base, [refusal], **settings)
+
+
+@pytest.mark.parametrize("rl", ["dpo", "ipo", "kto"])
+def test_an_adapter_to_continue_is_refused_where_trl_builds_a_fresh_one(tmp_path, base_yaml, saved_adapters, rl):
+    """axolotl hands DPO, IPO and KTO the adapter's config only: TRL would build a fresh adapter and drop the saved
+    one without a word. ORPO, whose adapter axolotl loads itself, continues (the control)."""
+    settings = {**SAVED_LINCHAIN, "lora_model_dir": saved_adapters["linchain"], "remove_unused_columns": False}
+    refused(tmp_path, base_yaml, [rf"would not be loaded with rl: {rl}", r"merge it into the base first"],
+            rl=rl, **settings)  # fmt: skip
+    assert validated(tmp_path, base_yaml, rl="orpo", **settings).lora_model_dir == saved_adapters["linchain"]
+
+
 def test_lora_yaml_on_a_plain_lora_and_a_cola_yaml_on_its_own_adapter_validate(tmp_path, base_yaml, saved_adapters):
     cfg = load(tmp_path, base_yaml, adapter="lora", lora_model_dir=saved_adapters["plain"])
     assert cfg.lora_model_dir == saved_adapters["plain"]
-    cfg = load(tmp_path, base_yaml, **COLA, lora_model_dir=saved_adapters["cola-lora"])
+    cfg = load(tmp_path, base_yaml, **COLA, lora_alpha=8, lora_model_dir=saved_adapters["cola-lora"])
     assert cfg.lora_model_dir == saved_adapters["cola-lora"]
 
 

@@ -49,7 +49,8 @@ def test_export_prints_one_line_and_no_warnings(adapter_dir, tiny_llama_dir, tmp
     args = ["--merge", "--base-model", str(tiny_llama_dir)] if merge else []
     result = run_cli("export", str(adapter_dir), str(out), *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == (f"wrote the merged model to {out}\n" if merge else f"wrote a plain LoRA adapter to {out}\n")
+    written = "the merged model" if merge else "a plain LoRA adapter"
+    assert result.stdout == f"wrote {written} to {out}\n"
     assert result.stderr == ""
 
 

@@ -19,6 +19,7 @@ from helpers import (
     chain_layers,
     chain_model,
     core_factors,
+    knot,
     logits_of,
     randomize_adapters,
     reference_core,
@@ -34,14 +35,6 @@ from axolotl_chainlora.cola import ColaCallback, ColaSchedule
 
 CHAIN_TYPES = ["lora", "linchain", "moslora", "mtlora_icfm", "mtlora_dtsm"]
 # the models below pass chain_dims=None: LinChain with its default r x r factors, which cola_ranks can step down
-
-
-def knot(model, merge: str, optimizer=None, step: int = 1, ranks=None) -> ColaCallback:
-    """Tie one knot the way the trainer does, on a callback set up for `merge`."""
-    callback = ColaCallback(ColaSchedule(links=3, merge=merge, ranks=ranks))
-    callback.into_base = callback._ties_into_base(callback._layers(model))
-    callback.tie_knot(model, optimizer, step=step, seed=0)
-    return callback
 
 
 def link_deltas(model, chain_type: str) -> dict[str, torch.Tensor]:
