@@ -17,6 +17,7 @@ from axolotl.utils.dict import DictDefault
 from helpers import ALPHA, TARGETS, R, tiny_llama
 from peft import LoraConfig, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import axolotl_chainlora.plugin as plugin_module
 from axolotl_chainlora import ChainLoraConfig, ChainLoraPlugin
@@ -200,3 +201,34 @@ def test_loraplus_scales_b_alone_and_keeps_the_cores_at_the_base_lr(chain_type, 
     assert any(".lora_core." in name for name in lrs)
     for name, value in lrs.items():
         assert value == (lr * ratio if ".lora_B." in name else lr), name
+
+
+# ---------------------------------------------------------------- NEFTune (neftune_noise_alpha)
+
+
+def test_neftune_noises_a_chain_models_embeddings_in_training_only(tmp_path):
+    """axolotl passes neftune_noise_alpha to transformers' Trainer, which hooks the input embeddings it finds through
+    the PeftModel: noisy in training, clean in evaluation, the hook gone after training."""
+    model = get_peft_model(tiny_llama(), ChainLoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS,
+                                                         chain_type="linchain"))  # fmt: skip
+    embeddings = model.get_input_embeddings()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            was_training = embeddings.training
+            with torch.no_grad():
+                embeddings.train()
+                seen["training"] = not torch.equal(embeddings(ids), embeddings.weight[ids])
+                embeddings.eval()
+                seen["evaluation"] = torch.equal(embeddings(ids), embeddings.weight[ids])
+            embeddings.train(was_training)
+
+    rows = [{"input_ids": list(range(8)), "labels": list(range(8))}] * 2
+    args = TrainingArguments(output_dir=str(tmp_path), neftune_noise_alpha=5.0, max_steps=1, report_to=[],
+                             use_cpu=True, per_device_train_batch_size=2)  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[Probe()]).train()
+    assert seen == {"training": True, "evaluation": True}
+    embeddings.train()
+    assert torch.equal(embeddings(ids), embeddings.weight[ids])  # the hook is gone after training
