@@ -359,7 +359,8 @@ class ChainLoraArgs(BaseModel):
     def check_no_adapter_to_continue_under_trl_built_adapters(self):
         cfg = _Keys(self)
         rl = rl_trainer(cfg)
-        if builds_adapter(cfg) and rl in TRL_BUILDS_ADAPTER and cfg.get("lora_model_dir") and not cfg.get("merge_lora"):
+        continued = cfg.get("lora_model_dir") and not cfg.get("merge_lora")
+        if builds_adapter(cfg) and rl in TRL_BUILDS_ADAPTER and continued:
             raise ValueError(
                 f"lora_model_dir={cfg.get('lora_model_dir')} would not be loaded with rl: {rl}: axolotl hands TRL the "
                 "adapter's config only and TRL builds a fresh adapter, so the run would start from the base model. "
@@ -375,8 +376,8 @@ class ChainLoraArgs(BaseModel):
         if uses_cola(cfg) and self.cola_merge == "base" and reference_is_the_base(cfg):
             raise ValueError(
                 f"cola_merge: base with rl: {rl_trainer(cfg)} would add finished links "
-                "into the base weights, and the trainer's reference model (the policy with its adapter disabled) "
-                "would move with them: use cola_merge: frozen (or auto)."
+                "into the base weights, and the trainer's reference model (the starting adapter, or none, on the "
+                "policy's base weights) would move with them: use cola_merge: frozen (or auto)."
             )
         return self
 

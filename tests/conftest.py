@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
 
 from helpers import make_input_ids, tiny_gpt2, tiny_llama  # noqa: E402
 
+from axolotl_chainlora.demo import prepare_demo  # noqa: E402
+
 E2E = Path(__file__).parent / "e2e"
 GPU = Path(__file__).parent / "gpu"
 
@@ -41,6 +43,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return make_input_ids()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The demo's tiny Llama + tokenizer (base/), data.jsonl and config.yml, built once; read, never written."""
+    path = tmp_path_factory.mktemp("chain-demo")
+    prepare_demo(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from helpers import load_base, output_of, require_success, run_all, write_config
+from helpers import load_base, logged_losses, output_of, require_success, run_all, write_config
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -63,14 +63,36 @@ def compiled_and_eager_runs(workspace):
 
 
 def test_torch_compile_trains_the_eager_adapter_to_float_rounding(workspace, compiled_and_eager_runs):
-    """torch_compile: true compiles the model with its chain layers; the adapter it trains is the eager run's up to
-    the compiled kernels' float32 rounding (measured 1.0e-5 against B entries of about 1e-2). Bit-identical tensors
-    would mean the compile was dropped: two eager runs of the same seed are bit-identical on the CPU."""
+    """torch_compile: true compiles the model with its chain layers. The first loss, before any update, is the eager
+    run's at the 4 digits logged; the trained adapters differ by the compiled kernels' float32 rounding, which Adam
+    turns into steps of up to the LR (3e-3) on near-zero gradients: measured 1.0e-5 (axolotl 0.21) and 1.6e-4 (0.19)
+    against B entries of about 1e-2. Bit-identical tensors would mean the compile was dropped: two eager runs of the
+    same seed are bit-identical on the CPU."""
     for name, result in compiled_and_eager_runs.items():
         require_success(result, f"axolotl train ({name})")
+    first_losses = [logged_losses(output_of(result))[0] for result in compiled_and_eager_runs.values()]
+    assert first_losses[0] == first_losses[1]
     eager = load_file(workspace / "out-eager" / "adapter_model.safetensors")
     compiled = load_file(workspace / "out-compiled" / "adapter_model.safetensors")
     assert eager.keys() == compiled.keys()
     diff = max((eager[key] - compiled[key]).abs().max().item() for key in eager)
     print(f"torch_compile vs eager, adapter tensors: max abs diff {diff:.1e}")
-    assert 0 < diff <= 1e-4
+    assert 0 < diff <= 1e-3
+
+
+def test_deepspeed_in_one_process_without_cuda_fails_in_axolotl_itself(workspace):
+    """Not ours (docs/engines.md): axolotl's load_cfg starts an NCCL process group for DeepSpeed, and without CUDA it
+    sets no MASTER_ADDR. Plain LoRA without this plugin's `plugins:` line fails the same way as a COLA chain adapter;
+    if axolotl fixes it, this fails and the note goes."""
+    (workspace / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 2},
+                                                      "train_micro_batch_size_per_gpu": "auto"}))  # fmt: skip
+    jobs = {
+        "ds-lora": write_config(workspace, "ds-lora", adapter="lora", plugins=None, chain_export_lora=None,
+                                deepspeed="zero2.json"),
+        "ds-cola": write_config(workspace, "ds-cola", cola_links=2, deepspeed="zero2.json"),
+    }  # fmt: skip
+    results = run_all(workspace, {name: ["train", config] for name, config in jobs.items()})
+    for name, result in results.items():
+        assert result.returncode != 0, name
+        assert "environment variable MASTER_ADDR expected" in output_of(result), output_of(result)[-2000:]
+        assert "Loading weights" not in output_of(result)  # before any model loads

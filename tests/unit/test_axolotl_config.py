@@ -37,7 +37,6 @@ from transformers import BitsAndBytesConfig
 
 from axolotl_chainlora import ChainLoraConfig
 from axolotl_chainlora.args import ChainLoraArgs
-from axolotl_chainlora.demo import prepare_demo
 from axolotl_chainlora.log import LOG
 from axolotl_chainlora.merge import EFFICIENT_MERGE_MATCHES_4BIT_TRAINING, axolotl_efficient_merge, merge_folded
 from axolotl_chainlora.plugin import ChainLoraPlugin, chain_config_fields, cola_schedule, ties_into_base
@@ -82,14 +81,6 @@ def logged(level: int):
     finally:
         LOG.removeHandler(records)
         LOG.setLevel(saved_level)
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    """The demo's tiny Llama + tokenizer (base/), data.jsonl and config.yml, built once."""
-    path = tmp_path_factory.mktemp("chain-demo")
-    prepare_demo(path)
-    return path
 
 
 @pytest.fixture(scope="module")
