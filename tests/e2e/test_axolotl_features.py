@@ -17,14 +17,14 @@ from safetensors.torch import load_file
 from axolotl_chainlora.demo import run_axolotl
 
 STEPS = 6
+# shared by the training run and `axolotl evaluate` of its adapter
+FEATURES = dict(lora_modules_to_save=["lm_head"], peft_layers_to_transform=[1], sample_packing=True, val_set_size=0.1,
+                eval_steps=3, gradient_accumulation_steps=2)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def features_run(workspace):
-    config = write_config(
-        workspace, "features", lora_modules_to_save=["lm_head"], peft_layers_to_transform=[1], sample_packing=True,
-        val_set_size=0.1, eval_steps=3, gradient_accumulation_steps=2, neftune_noise_alpha=5, max_steps=STEPS,
-    )  # fmt: skip
+    config = write_config(workspace, "features", neftune_noise_alpha=5, max_steps=STEPS, **FEATURES)
     return run_axolotl(["train", config], workspace, "features.log")
 
 
@@ -96,3 +96,32 @@ def test_deepspeed_in_one_process_without_cuda_fails_in_axolotl_itself(workspace
         assert result.returncode != 0, name
         assert "environment variable MASTER_ADDR expected" in output_of(result), output_of(result)[-2000:]
         assert "Loading weights" not in output_of(result)  # before any model loads
+
+
+
+@pytest.fixture(scope="module")
+def evaluate_and_preprocess_runs(workspace, features_run):
+    """`axolotl evaluate` of the trained adapter (lora_model_dir) on the run's own validation split, and `axolotl
+    preprocess` of a chain YAML into a folder of its own."""
+    require_success(features_run, "axolotl train (features)")
+    evaluate = write_config(workspace, "features-evaluate", run_defaults=False, output_dir="./out-features-evaluate",
+                            dataset_prepared_path="./prepared-features", lora_model_dir="./out-features",
+                            max_steps=STEPS, **FEATURES)  # fmt: skip
+    preprocess = write_config(workspace, "preprocess-only")
+    return run_all(workspace, {"evaluate": ["evaluate", evaluate], "preprocess": ["preprocess", preprocess]})
+
+
+def test_evaluate_scores_the_trained_adapter_and_preprocess_prepares_a_chain_yaml(
+    workspace, features_run, evaluate_and_preprocess_runs
+):
+    """evaluate loads the saved chain adapter (with its lm_head) and gets the training run's last eval loss at the
+    4 digits logged; a fresh adapter would score the base model's (the first eval loss)."""
+    result = evaluate_and_preprocess_runs["evaluate"]
+    require_success(result, "axolotl evaluate")
+    evaluated = float(re.search(r"eval_loss: ([0-9.]+)", output_of(result)).group(1))
+    training_evals = [float(value) for value in re.findall(r"'eval_loss': '([0-9.]+)'", output_of(features_run))]
+    print(f"axolotl evaluate: {evaluated}; the training run's evals: {training_evals}")
+    assert abs(evaluated - training_evals[-1]) <= 6e-4 and abs(evaluated - training_evals[0]) > 0.1
+
+    require_success(evaluate_and_preprocess_runs["preprocess"], "axolotl preprocess")
+    assert any((workspace / "prepared-preprocess-only").iterdir())
