@@ -416,9 +416,10 @@ def summarize_task(runs: dict[str, dict[float, list[dict]]], seeds: list[int]) -
             "target_ppl_mean": statistics.mean(target),
             "target_ppl_std": statistics.stdev(target) if len(target) > 1 else 0.0,
             "source_ppl_mean": statistics.mean(run["source_ppl"] for run in chosen),
-            # both sides at every LR: a method that forgets less may only be learning less, as LoRA at a lower LR
-            **{f"{part}_ppl_by_lr": {str(lr): statistics.mean(r[f"{part}_ppl"] for r in rs)
-                                     for lr, rs in sorted(by_lr.items())} for part in ("target", "source")},
+            # both sides, seed by seed, at every LR: a method that forgets less may only be learning less, as
+            # LoRA at a lower LR does
+            "by_lr": {str(lr): {f"{part}_ppl": [r[f"{part}_ppl"] for r in rs] for part in ("target", "source")}
+                      for lr, rs in sorted(by_lr.items())},
             "vs_lora_by_seed": dict(zip(map(str, seeds), ratios)),
             "vs_lora_mean": statistics.mean(ratios),
             "seeds_better_than_lora": sum(ratio < 1 for ratio in ratios),
@@ -455,6 +456,30 @@ def markdown(task: str, summary: dict[str, dict], start: dict, controls: dict[st
             f"{s['target_ppl_std']:.3f} | {s['vs_lora_mean']:.3f}x ({s['seeds_better_than_lora']}/"
             f"{len(s['vs_lora_by_seed'])}) | {control_of(name, summary, controls)} | {s['source_ppl_mean']:.3f} |"
         )
+    return "\n".join(lines)
+
+
+def same_lr_markdown(task: str, summary: dict[str, dict]) -> str:
+    """Each method's target perplexity over LoRA's at the same LR, paired by seed, for every LR of LoRA's grid: the
+    papers' protocol (one LR for all methods), which the best-LR table does not show."""
+    lora = summary["lora"]["by_lr"]
+    lrs = [str(lr) for lr in summary["lora"]["lrs"]]
+
+    def paired(by_lr: dict, lr: str) -> str:
+        if lr not in by_lr:
+            return "-"
+        ratios = [ppl / lora_ppl for ppl, lora_ppl in zip(by_lr[lr]["target_ppl"], lora[lr]["target_ppl"])]
+        return f"{statistics.mean(ratios):.3f}x ({sum(ratio < 1 for ratio in ratios)}/{len(ratios)})"
+
+    lines = [
+        f"Task `{task}`: target perplexity over LoRA's at the same LR, paired by seed: mean (seeds better); - where "
+        "not run.",
+        "",
+        "| method | " + " | ".join(f"lr {float(lr):g}" for lr in lrs) + " |",
+        "|---|" + "---|" * len(lrs),
+    ]
+    for name, s in sorted(summary.items(), key=lambda item: item[1]["target_ppl_mean"]):
+        lines.append(f"| {name} | " + " | ".join(paired(s["by_lr"], lr) for lr in lrs) + " |")
     return "\n".join(lines)
 
 
@@ -561,7 +586,8 @@ def main(argv: list[str] | None = None) -> dict:
         run_pass(cells, jobs, start_args, runs)
     summaries = {task: summarize_task(runs[task], preset["seeds"]) for task in runs}
     tables = {task: markdown(task, summaries[task], starts[task], controls) for task in runs}
-    print("\n\n".join(tables.values()))
+    same_lr_tables = {task: same_lr_markdown(task, summaries[task]) for task in runs}
+    print("\n\n".join([*tables.values(), *same_lr_tables.values()]))
     name = f"finetune-text-{args.preset}"
     args.out.mkdir(parents=True, exist_ok=True)
     real = preset["base"] == REAL
@@ -585,6 +611,7 @@ def main(argv: list[str] | None = None) -> dict:
         "equal_parameter_controls": controls,
         "summary": summaries,
         "tables": tables,
+        "same_lr_tables": same_lr_tables,
         "wall_seconds": round(time.monotonic() - started),
     }  # fmt: skip
     if preset["base"] == TINY:

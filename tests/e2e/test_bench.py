@@ -132,6 +132,9 @@ def test_finetune_text_adapts_a_pretrained_base_and_keeps_its_controls_honest(tm
         and cola_curve[7] != lora_curve[7]
     )
     assert summary["lora"]["vs_lora_mean"] == 1.0 and "| lora+cola-2 |" in record["tables"]["code"]
+    # the same-LR table pairs each seed's run with LoRA's at that LR
+    assert summary["lora"]["by_lr"]["0.003"]["target_ppl"] == [summary["lora"]["target_ppl_mean"]]
+    assert "| lora | 1.000x (0/1) |" in record["same_lr_tables"]["code"]
     assert (tmp_path / "finetune-text-smoke.png").stat().st_size > 10_000
 
 
