@@ -308,6 +308,25 @@ def equal_parameter_rank(method: Method, linears: list[nn.Linear]) -> int:
     return max(1, round(adapter_parameters(method, linears) / per_rank))
 
 
+def equal_parameter_controls(methods: list[Method], rank: int, linears: list[nn.Linear]) -> dict[str, str]:
+    """Each core's fair control: the name of the plain LoRA with the nearest parameter count."""
+    return {
+        m.name: f"lora r={r}" if (r := equal_parameter_rank(m, linears)) != rank else "lora"
+        for m in methods
+        if m.chain_type not in (None, "lora")
+    }
+
+
+def selected(methods: list[Method], controls: dict[str, str], names: list[str]) -> tuple[list[Method], dict]:
+    """The methods named by --method, with LoRA and each named core's equal-parameter LoRA: a table always has its
+    controls."""
+    unknown = set(names) - {m.name for m in methods}
+    if unknown:
+        raise SystemExit(f"--method: no method named {sorted(unknown)}; the methods: {[m.name for m in methods]}")
+    wanted = {"lora", *names, *(controls[name] for name in names if name in controls)}
+    return [m for m in methods if m.name in wanted], {n: c for n, c in controls.items() if n in wanted}
+
+
 def first_pass_methods(rank: int, inits: list[str], linears: list[nn.Linear]) -> list[Method]:
     chains = chain_methods_with_inits(rank, inits)
     control_ranks = sorted({equal_parameter_rank(m, linears) for m in chains} - {rank})
@@ -555,14 +574,9 @@ def main(argv: list[str] | None = None) -> dict:
               for task, d in _WORKER["tasks"].items()}  # fmt: skip
     linears = targeted_linears(next(iter(_WORKER["tasks"].values()))["base"])
     methods = first_pass_methods(preset["rank"], preset["inits"], linears)
+    controls = equal_parameter_controls(methods, preset["rank"], linears)
     if args.method:
-        wanted = {"lora", *args.method}
-        unknown = wanted - {m.name for m in methods}
-        if unknown:
-            raise SystemExit(f"--method: no method named {sorted(unknown)}; the methods: {[m.name for m in methods]}")
-        methods = [m for m in methods if m.name in wanted]
-    controls = {m.name: (f"lora r={r}" if (r := equal_parameter_rank(m, linears)) != preset["rank"] else "lora")
-                for m in methods if m.chain_type not in (None, "lora")}  # fmt: skip
+        methods, controls = selected(methods, controls, args.method)
     runs = {task: {} for task in preset["tasks"]}
     cells = [(t, m, lr, s) for t in preset["tasks"] for m in methods for lr in preset["lrs"] for s in preset["seeds"]]
     run_pass(cells, jobs, start_args, runs)

@@ -147,6 +147,23 @@ def load_bench_module(name: str):
     return module
 
 
+def test_finetune_text_method_subset_runs_lora_and_each_cores_equal_parameter_control():
+    """`--method` picks a subset; LoRA and the equal-parameter LoRA of each picked core run with it, so the
+    tables always have their controls (a subset without them once failed at the summary, after the runs)."""
+    import torch
+
+    bench = load_bench_module("finetune_text")
+    linears = bench.targeted_linears(bench.llama(bench.PRESETS["cpu"]["shape"], torch.device("cpu"), torch.float32))
+    methods = bench.first_pass_methods(8, ["kaiming"], linears)
+    controls = bench.equal_parameter_controls(methods, 8, linears)
+    assert controls["linchain-3-8, kaiming"] == "lora r=9" and controls["moslora, kaiming"] == "lora"
+    chosen, kept = bench.selected(methods, controls, ["linchain-3-8, kaiming", "lora+cola-2"])
+    assert [m.name for m in chosen] == ["lora", "lora r=9", "linchain-3-8, kaiming", "lora+cola-2"]
+    assert kept == {"linchain-3-8, kaiming": "lora r=9"}
+    with pytest.raises(SystemExit, match=r"--method: no method named \['moslora'\]; the methods: \['lora', "):
+        bench.selected(methods, controls, ["moslora"])
+
+
 def test_finetune_text_refuses_clearly_without_smollm2_gguf_or_a_corpus(monkeypatch, tmp_path):
     bench = load_bench_module("finetune_text")
 
