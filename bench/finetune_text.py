@@ -21,7 +21,8 @@ source (what was forgotten). Every method gets the same steps, schedule, batches
 gains one more step for each method whose best LR falls on its edge (`--no-widen` keeps it fixed).
 COLA runs on LoRA and, when every method runs, on the core with the lowest target perplexity of a first pass.
 `--override KEY=VALUE` changes one setting (`--override steps=80`, `--override lrs=3e-4,1e-3`) and
-`--method NAME` (repeatable) runs a subset: both are recorded in the result.
+`--method NAME` (repeatable) runs a subset, with LoRA and each picked core's equal-parameter LoRA: both are
+recorded in the result.
 """
 
 from __future__ import annotations
